@@ -1,0 +1,377 @@
+//! The TOML configuration, laid out like RustSocks' so its users can bring their files.
+//!
+//! Parsing is strict (`deny_unknown_fields`: a typo is an error, not a silently ignored key),
+//! every default is a named constant, and [`Config::validate`] checks what types cannot.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::secret::Secret;
+
+pub const DEFAULT_BIND_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const DEFAULT_BIND_PORT: u16 = 1080;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+
+pub const DEFAULT_POOL_ENABLED: bool = false;
+pub const DEFAULT_MAX_IDLE_PER_DEST: usize = 4;
+pub const DEFAULT_MAX_TOTAL_IDLE: usize = 100;
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 90;
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+pub const DEFAULT_STATS_API_ENABLED: bool = false;
+pub const DEFAULT_STATS_API_BIND_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const DEFAULT_STATS_API_PORT: u16 = 9090;
+
+pub const DEFAULT_TELEMETRY_ENABLED: bool = true;
+pub const DEFAULT_TELEMETRY_MAX_EVENTS: usize = 256;
+pub const DEFAULT_TELEMETRY_RETENTION_HOURS: u64 = 6;
+
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// RFC 1929 caps usernames and passwords at 255 bytes.
+const MAX_CREDENTIAL_LEN: usize = 255;
+
+/// The commented example shipped in `config/`, also what `poolsocks` runs on with no arguments.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/poolsocks.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config{}: {message}", origin_suffix(.origin))]
+    Parse { origin: Option<PathBuf>, message: String },
+    #[error("invalid config: `{key}` {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn origin_suffix(origin: &Option<PathBuf>) -> String {
+    origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, problem: problem.into() }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub sessions: SessionsConfig,
+    pub telemetry: TelemetryConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub bind_address: IpAddr,
+    pub bind_port: u16,
+    /// Client connections served at once; the next one is accepted and closed at once.
+    pub max_connections: usize,
+    /// Time a client has to finish greeting, authentication and request.
+    pub handshake_timeout_ms: u64,
+    /// How long relays may drain after SIGINT/SIGTERM before they are cut.
+    pub shutdown_grace_secs: u64,
+    pub pool: PoolConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            bind_address: DEFAULT_BIND_ADDRESS,
+            bind_port: DEFAULT_BIND_PORT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
+            shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+impl ServerConfig {
+    pub fn bind_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bind_address, self.bind_port)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// `[server.pool]`: the upstream connection pool (see README, "The pool").
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    pub enabled: bool,
+    /// Spares kept per destination.
+    pub max_idle_per_dest: usize,
+    /// Spares kept across all destinations.
+    pub max_total_idle: usize,
+    /// A spare older than this is closed.
+    pub idle_timeout_secs: u64,
+    /// Limit on each connect attempt, pooled or not.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: DEFAULT_POOL_ENABLED,
+            max_idle_per_dest: DEFAULT_MAX_IDLE_PER_DEST,
+            max_total_idle: DEFAULT_MAX_TOTAL_IDLE,
+            idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
+            connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+        }
+    }
+}
+
+impl PoolConfig {
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SocksMethod {
+    #[default]
+    None,
+    Userpass,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// When absent: `userpass` if `users` lists anyone, else `none`.
+    pub socks_method: Option<SocksMethod>,
+    pub users: Vec<UserConfig>,
+}
+
+impl AuthConfig {
+    pub fn method(&self) -> SocksMethod {
+        self.socks_method.unwrap_or(if self.users.is_empty() {
+            SocksMethod::None
+        } else {
+            SocksMethod::Userpass
+        })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsConfig {
+    pub stats_api_enabled: bool,
+    pub stats_api_bind_address: IpAddr,
+    pub stats_api_port: u16,
+}
+
+impl Default for SessionsConfig {
+    fn default() -> Self {
+        SessionsConfig {
+            stats_api_enabled: DEFAULT_STATS_API_ENABLED,
+            stats_api_bind_address: DEFAULT_STATS_API_BIND_ADDRESS,
+            stats_api_port: DEFAULT_STATS_API_PORT,
+        }
+    }
+}
+
+impl SessionsConfig {
+    pub fn stats_api_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.stats_api_bind_address, self.stats_api_port)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub enabled: bool,
+    pub max_events: usize,
+    pub retention_hours: u64,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            enabled: DEFAULT_TELEMETRY_ENABLED,
+            max_events: DEFAULT_TELEMETRY_MAX_EVENTS,
+            retention_hours: DEFAULT_TELEMETRY_RETENTION_HOURS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    /// A level (`info`) or a `tracing` filter directive (`poolsocks=debug,warn`).
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig { level: DEFAULT_LOG_LEVEL.to_string(), format: LogFormat::Pretty }
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML document. `origin` names the file in error messages.
+    pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<Self, ConfigError> {
+        // toml's message already names the line, the column and the offending key.
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.map(Path::to_path_buf),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, Some(path))
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_CONFIG_TOML, None)
+    }
+
+    /// Checks the relations between keys that their types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        if server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if server.handshake_timeout_ms == 0 {
+            return Err(invalid("server.handshake_timeout_ms", "must be greater than 0"));
+        }
+        let pool = &server.pool;
+        if pool.connect_timeout_ms == 0 {
+            return Err(invalid("server.pool.connect_timeout_ms", "must be greater than 0"));
+        }
+        if pool.idle_timeout_secs == 0 {
+            return Err(invalid("server.pool.idle_timeout_secs", "must be greater than 0"));
+        }
+        if pool.max_idle_per_dest > pool.max_total_idle {
+            return Err(invalid(
+                "server.pool.max_idle_per_dest",
+                format!(
+                    "({}) must not exceed server.pool.max_total_idle ({})",
+                    pool.max_idle_per_dest, pool.max_total_idle
+                ),
+            ));
+        }
+        if pool.enabled && pool.max_idle_per_dest == 0 {
+            return Err(invalid(
+                "server.pool.max_idle_per_dest",
+                "must be at least 1 when the pool is enabled",
+            ));
+        }
+        self.validate_auth()?;
+        if self.telemetry.enabled && self.telemetry.max_events == 0 {
+            return Err(invalid("telemetry.max_events", "must be at least 1 when telemetry is enabled"));
+        }
+        if self.sessions.stats_api_enabled
+            && self.sessions.stats_api_addr() == server.bind_addr()
+            && server.bind_port != 0
+        {
+            return Err(invalid(
+                "sessions.stats_api_port",
+                format!("({}) is the SOCKS listener's own address", self.sessions.stats_api_port),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            return Err(invalid("logging.level", format!("{:?} is not a level or filter: {e}", self.logging.level)));
+        }
+        Ok(())
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let auth = &self.auth;
+        match auth.method() {
+            SocksMethod::None if !auth.users.is_empty() => Err(invalid(
+                "auth.socks_method",
+                format!(
+                    "is \"none\" but auth.users lists {} user(s): set socks_method = \"userpass\" or remove the users",
+                    auth.users.len()
+                ),
+            )),
+            SocksMethod::Userpass if auth.users.is_empty() => Err(invalid(
+                "auth.users",
+                "is empty but auth.socks_method is \"userpass\": add [[auth.users]] entries",
+            )),
+            _ => {
+                let mut seen = std::collections::HashSet::new();
+                for user in &auth.users {
+                    if user.username.is_empty() || user.username.len() > MAX_CREDENTIAL_LEN {
+                        return Err(invalid("auth.users.username", "must be 1 to 255 bytes long"));
+                    }
+                    if user.password.expose().is_empty() || user.password.expose().len() > MAX_CREDENTIAL_LEN {
+                        return Err(invalid(
+                            "auth.users.password",
+                            format!("of user {:?} must be 1 to 255 bytes long", user.username),
+                        ));
+                    }
+                    if !seen.insert(user.username.as_str()) {
+                        return Err(invalid(
+                            "auth.users.username",
+                            format!("{:?} is listed more than once", user.username),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_to_the_named_defaults() {
+        let config = Config::embedded_default().expect("embedded default config is valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.bind_addr(), "127.0.0.1:1080".parse().unwrap());
+    }
+
+    #[test]
+    fn auth_method_follows_users_when_unset() {
+        let config = Config::from_toml(
+            "[[auth.users]]\nusername = \"alice\"\npassword = \"secret\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.auth.method(), SocksMethod::Userpass);
+    }
+}
