@@ -42,19 +42,31 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/poolsocks.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config{}: {message}", origin_suffix(.origin))]
-    Parse { origin: Option<PathBuf>, message: String },
+    Parse {
+        origin: Option<PathBuf>,
+        message: String,
+    },
     #[error("invalid config: `{key}` {problem}")]
     Invalid { key: &'static str, problem: String },
 }
 
 fn origin_suffix(origin: &Option<PathBuf>) -> String {
-    origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
+    origin
+        .as_ref()
+        .map(|p| format!(" {}", p.display()))
+        .unwrap_or_default()
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, problem: problem.into() }
+    ConfigError::Invalid {
+        key,
+        problem: problem.into(),
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -238,7 +250,10 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig { level: DEFAULT_LOG_LEVEL.to_string(), format: LogFormat::Pretty }
+        LoggingConfig {
+            level: DEFAULT_LOG_LEVEL.to_string(),
+            format: LogFormat::Pretty,
+        }
     }
 }
 
@@ -255,8 +270,10 @@ impl Config {
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Self::from_toml(&text, Some(path))
     }
 
@@ -272,14 +289,23 @@ impl Config {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
         if server.handshake_timeout_ms == 0 {
-            return Err(invalid("server.handshake_timeout_ms", "must be greater than 0"));
+            return Err(invalid(
+                "server.handshake_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         let pool = &server.pool;
         if pool.connect_timeout_ms == 0 {
-            return Err(invalid("server.pool.connect_timeout_ms", "must be greater than 0"));
+            return Err(invalid(
+                "server.pool.connect_timeout_ms",
+                "must be greater than 0",
+            ));
         }
         if pool.idle_timeout_secs == 0 {
-            return Err(invalid("server.pool.idle_timeout_secs", "must be greater than 0"));
+            return Err(invalid(
+                "server.pool.idle_timeout_secs",
+                "must be greater than 0",
+            ));
         }
         if pool.max_idle_per_dest > pool.max_total_idle {
             return Err(invalid(
@@ -298,7 +324,10 @@ impl Config {
         }
         self.validate_auth()?;
         if self.telemetry.enabled && self.telemetry.max_events == 0 {
-            return Err(invalid("telemetry.max_events", "must be at least 1 when telemetry is enabled"));
+            return Err(invalid(
+                "telemetry.max_events",
+                "must be at least 1 when telemetry is enabled",
+            ));
         }
         if self.sessions.stats_api_enabled
             && self.sessions.stats_api_addr() == server.bind_addr()
@@ -306,11 +335,17 @@ impl Config {
         {
             return Err(invalid(
                 "sessions.stats_api_port",
-                format!("({}) is the SOCKS listener's own address", self.sessions.stats_api_port),
+                format!(
+                    "({}) is the SOCKS listener's own address",
+                    self.sessions.stats_api_port
+                ),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
-            return Err(invalid("logging.level", format!("{:?} is not a level or filter: {e}", self.logging.level)));
+            return Err(invalid(
+                "logging.level",
+                format!("{:?} is not a level or filter: {e}", self.logging.level),
+            ));
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! poolsocks: a SOCKS5 proxy daemon whose upstream connection pool is a set of actors.
 
+pub mod config;
+pub mod pool;
 pub mod secret;
 pub mod socks;
+pub mod telemetry;
 pub mod upstream;
-pub mod config;

@@ -61,7 +61,10 @@ pub async fn dial(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, C
         TargetAddr::Domain(host, port) => {
             let resolved = tokio::net::lookup_host((host.as_str(), *port))
                 .await
-                .map_err(|source| ConnectError::Resolve { host: host.clone(), source })?;
+                .map_err(|source| ConnectError::Resolve {
+                    host: host.clone(),
+                    source,
+                })?;
             resolved.collect()
         }
     };
@@ -77,12 +80,18 @@ pub async fn dial(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, C
             Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),
         }
     }
-    Err(last_error.unwrap_or_else(|| ConnectError::NoAddress { host: target.to_string() }))
+    Err(last_error.unwrap_or_else(|| ConnectError::NoAddress {
+        host: target.to_string(),
+    }))
 }
 
 /// Opens a new TCP connection to a destination. Replaceable so that harnesses can inject faults.
 pub trait Dialer: Send + Sync + 'static {
-    fn dial(&self, target: TargetAddr, timeout: Duration) -> BoxFuture<'static, Result<TcpStream, ConnectError>>;
+    fn dial(
+        &self,
+        target: TargetAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>>;
 }
 
 /// The real dialer: DNS resolution and `connect(2)`.
@@ -90,7 +99,11 @@ pub trait Dialer: Send + Sync + 'static {
 pub struct TcpDialer;
 
 impl Dialer for TcpDialer {
-    fn dial(&self, target: TargetAddr, timeout: Duration) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         Box::pin(async move { dial(&target, timeout).await })
     }
 }
@@ -120,11 +133,19 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn dialed(stream: TcpStream) -> Self {
-        Upstream { stream, origin: Origin::Dialed, lease: None }
+        Upstream {
+            stream,
+            origin: Origin::Dialed,
+            lease: None,
+        }
     }
 
     pub fn leased(stream: TcpStream, origin: Origin, lease: Box<dyn Lease>) -> Self {
-        Upstream { stream, origin, lease: Some(lease) }
+        Upstream {
+            stream,
+            origin,
+            lease: Some(lease),
+        }
     }
 
     /// Ends the session. `untouched` says whether the stream is still unused and intact.
@@ -139,7 +160,10 @@ impl Upstream {
 
 /// Gives a connection handler its upstream stream.
 pub trait Connector: Send + Sync + 'static {
-    fn acquire<'a>(&'a self, target: &'a TargetAddr) -> BoxFuture<'a, Result<Upstream, ConnectError>>;
+    fn acquire<'a>(
+        &'a self,
+        target: &'a TargetAddr,
+    ) -> BoxFuture<'a, Result<Upstream, ConnectError>>;
 }
 
 /// Dials every request: what the daemon does with the pool off.
@@ -155,14 +179,23 @@ impl DirectConnector {
     }
 
     pub fn with_dialer(dialer: Arc<dyn Dialer>, connect_timeout: Duration) -> Self {
-        DirectConnector { dialer, connect_timeout }
+        DirectConnector {
+            dialer,
+            connect_timeout,
+        }
     }
 }
 
 impl Connector for DirectConnector {
-    fn acquire<'a>(&'a self, target: &'a TargetAddr) -> BoxFuture<'a, Result<Upstream, ConnectError>> {
+    fn acquire<'a>(
+        &'a self,
+        target: &'a TargetAddr,
+    ) -> BoxFuture<'a, Result<Upstream, ConnectError>> {
         Box::pin(async move {
-            let stream = self.dialer.dial(target.clone(), self.connect_timeout).await?;
+            let stream = self
+                .dialer
+                .dial(target.clone(), self.connect_timeout)
+                .await?;
             Ok(Upstream::dialed(stream))
         })
     }

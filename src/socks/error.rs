@@ -36,9 +36,7 @@ impl SocksError {
         match self {
             SocksError::CommandNotSupported(_) => Some(ReplyCode::CommandNotSupported),
             SocksError::AddressTypeNotSupported(_) => Some(ReplyCode::AddressTypeNotSupported),
-            SocksError::EmptyDomain | SocksError::DomainNotUtf8 => {
-                Some(ReplyCode::GeneralFailure)
-            }
+            SocksError::EmptyDomain | SocksError::DomainNotUtf8 => Some(ReplyCode::GeneralFailure),
             _ => None,
         }
     }

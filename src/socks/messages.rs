@@ -2,9 +2,7 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use super::{
-    SocksError, TargetAddr, METHOD_NO_ACCEPTABLE, SOCKS_VERSION, USERPASS_VERSION,
-};
+use super::{SocksError, TargetAddr, METHOD_NO_ACCEPTABLE, SOCKS_VERSION, USERPASS_VERSION};
 use crate::secret::Secret;
 
 /// The client's greeting: `VER NMETHODS METHODS...`.
@@ -42,14 +40,18 @@ pub struct MethodSelection {
 }
 
 impl MethodSelection {
-    pub const NO_ACCEPTABLE: MethodSelection = MethodSelection { method: METHOD_NO_ACCEPTABLE };
+    pub const NO_ACCEPTABLE: MethodSelection = MethodSelection {
+        method: METHOD_NO_ACCEPTABLE,
+    };
 
     pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, SocksError> {
         let version = reader.read_u8().await?;
         if version != SOCKS_VERSION {
             return Err(SocksError::UnsupportedVersion(version));
         }
-        Ok(MethodSelection { method: reader.read_u8().await? })
+        Ok(MethodSelection {
+            method: reader.read_u8().await?,
+        })
     }
 
     pub fn to_bytes(self) -> [u8; 2] {
@@ -75,7 +77,10 @@ impl UserPassRequest {
         // Credentials that are not UTF-8 can match no configured user, so they simply fail.
         let username = String::from_utf8(username).map_err(|_| SocksError::AuthFailed)?;
         let password = String::from_utf8(password).map_err(|_| SocksError::AuthFailed)?;
-        Ok(UserPassRequest { username, password: Secret::new(password) })
+        Ok(UserPassRequest {
+            username,
+            password: Secret::new(password),
+        })
     }
 
     pub fn write_to(&self, buf: &mut Vec<u8>) {
@@ -107,7 +112,9 @@ impl UserPassReply {
         if version != USERPASS_VERSION {
             return Err(SocksError::AuthVersion(version));
         }
-        Ok(UserPassReply { success: reader.read_u8().await? == 0 })
+        Ok(UserPassReply {
+            success: reader.read_u8().await? == 0,
+        })
     }
 
     pub fn to_bytes(self) -> [u8; 2] {
@@ -159,7 +166,10 @@ impl Request {
         // Read the address before judging the command so the error reply follows a whole request.
         let target = TargetAddr::read_from(reader).await;
         let command = Command::from_byte(command)?;
-        Ok(Request { command, target: target? })
+        Ok(Request {
+            command,
+            target: target?,
+        })
     }
 
     pub fn write_to(&self, buf: &mut Vec<u8>) {
@@ -209,7 +219,10 @@ pub struct Reply {
 
 impl Reply {
     pub fn failure(code: ReplyCode) -> Self {
-        Reply { code, bound: TargetAddr::unspecified() }
+        Reply {
+            code,
+            bound: TargetAddr::unspecified(),
+        }
     }
 
     pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, SocksError> {

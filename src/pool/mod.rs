@@ -1,0 +1,1 @@
+//! The upstream connection pool as ractor actors (work in progress).

@@ -1,0 +1,1 @@
+//! Operational events in a bounded ring buffer (work in progress).
