@@ -42,30 +42,35 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config/poolsocks.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid config{}: {message}", origin_suffix(.origin))]
-    Parse {
-        origin: Option<PathBuf>,
-        message: String,
-    },
-    #[error("invalid config: `{key}` {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Parse { origin: Option<PathBuf>, message: String },
+    #[error("invalid config{}{}: `{key}` {problem}", origin_suffix(.origin), line_suffix(.line))]
+    Invalid { origin: Option<PathBuf>, line: Option<usize>, key: &'static str, problem: String },
 }
 
 fn origin_suffix(origin: &Option<PathBuf>) -> String {
-    origin
-        .as_ref()
-        .map(|p| format!(" {}", p.display()))
-        .unwrap_or_default()
+    origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
+}
+
+fn line_suffix(line: &Option<usize>) -> String {
+    line.map(|n| format!(", line {n}")).unwrap_or_default()
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        key,
-        problem: problem.into(),
+    ConfigError::Invalid { origin: None, line: None, key, problem: problem.into() }
+}
+
+/// The 1-based line where `key`'s last segment is assigned, if it is assigned exactly once.
+/// Good enough to point an operator at the line; the key name is always in the message anyway.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let leaf = key.rsplit('.').next()?;
+    let mut lines = text.lines().enumerate().filter(|(_, line)| {
+        line.trim_start().strip_prefix(leaf).is_some_and(|rest| rest.trim_start().starts_with('='))
+    });
+    match (lines.next(), lines.next()) {
+        (Some((index, _)), None) => Some(index + 1),
+        _ => None,
     }
 }
 
@@ -250,10 +255,7 @@ pub struct LoggingConfig {
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        LoggingConfig {
-            level: DEFAULT_LOG_LEVEL.to_string(),
-            format: LogFormat::Pretty,
-        }
+        LoggingConfig { level: DEFAULT_LOG_LEVEL.to_string(), format: LogFormat::Pretty }
     }
 }
 
@@ -265,15 +267,21 @@ impl Config {
             origin: origin.map(Path::to_path_buf),
             message: e.to_string().trim_end().to_string(),
         })?;
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, problem, .. } => ConfigError::Invalid {
+                origin: origin.map(Path::to_path_buf),
+                line: line_of_key(text, key),
+                key,
+                problem,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::from_toml(&text, Some(path))
     }
 
@@ -289,23 +297,14 @@ impl Config {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
         if server.handshake_timeout_ms == 0 {
-            return Err(invalid(
-                "server.handshake_timeout_ms",
-                "must be greater than 0",
-            ));
+            return Err(invalid("server.handshake_timeout_ms", "must be greater than 0"));
         }
         let pool = &server.pool;
         if pool.connect_timeout_ms == 0 {
-            return Err(invalid(
-                "server.pool.connect_timeout_ms",
-                "must be greater than 0",
-            ));
+            return Err(invalid("server.pool.connect_timeout_ms", "must be greater than 0"));
         }
         if pool.idle_timeout_secs == 0 {
-            return Err(invalid(
-                "server.pool.idle_timeout_secs",
-                "must be greater than 0",
-            ));
+            return Err(invalid("server.pool.idle_timeout_secs", "must be greater than 0"));
         }
         if pool.max_idle_per_dest > pool.max_total_idle {
             return Err(invalid(
@@ -335,10 +334,7 @@ impl Config {
         {
             return Err(invalid(
                 "sessions.stats_api_port",
-                format!(
-                    "({}) is the SOCKS listener's own address",
-                    self.sessions.stats_api_port
-                ),
+                format!("({}) is the SOCKS listener's own address", self.sessions.stats_api_port),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod pool;
 pub mod secret;
+pub mod server;
 pub mod socks;
 pub mod telemetry;
 pub mod upstream;

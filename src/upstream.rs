@@ -61,10 +61,7 @@ pub async fn dial(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, C
         TargetAddr::Domain(host, port) => {
             let resolved = tokio::net::lookup_host((host.as_str(), *port))
                 .await
-                .map_err(|source| ConnectError::Resolve {
-                    host: host.clone(),
-                    source,
-                })?;
+                .map_err(|source| ConnectError::Resolve { host: host.clone(), source })?;
             resolved.collect()
         }
     };
@@ -80,9 +77,7 @@ pub async fn dial(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, C
             Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),
         }
     }
-    Err(last_error.unwrap_or_else(|| ConnectError::NoAddress {
-        host: target.to_string(),
-    }))
+    Err(last_error.unwrap_or_else(|| ConnectError::NoAddress { host: target.to_string() }))
 }
 
 /// Opens a new TCP connection to a destination. Replaceable so that harnesses can inject faults.
@@ -133,19 +128,11 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn dialed(stream: TcpStream) -> Self {
-        Upstream {
-            stream,
-            origin: Origin::Dialed,
-            lease: None,
-        }
+        Upstream { stream, origin: Origin::Dialed, lease: None }
     }
 
     pub fn leased(stream: TcpStream, origin: Origin, lease: Box<dyn Lease>) -> Self {
-        Upstream {
-            stream,
-            origin,
-            lease: Some(lease),
-        }
+        Upstream { stream, origin, lease: Some(lease) }
     }
 
     /// Ends the session. `untouched` says whether the stream is still unused and intact.
@@ -179,10 +166,7 @@ impl DirectConnector {
     }
 
     pub fn with_dialer(dialer: Arc<dyn Dialer>, connect_timeout: Duration) -> Self {
-        DirectConnector {
-            dialer,
-            connect_timeout,
-        }
+        DirectConnector { dialer, connect_timeout }
     }
 }
 
@@ -192,10 +176,7 @@ impl Connector for DirectConnector {
         target: &'a TargetAddr,
     ) -> BoxFuture<'a, Result<Upstream, ConnectError>> {
         Box::pin(async move {
-            let stream = self
-                .dialer
-                .dial(target.clone(), self.connect_timeout)
-                .await?;
+            let stream = self.dialer.dial(target.clone(), self.connect_timeout).await?;
             Ok(Upstream::dialed(stream))
         })
     }

@@ -32,19 +32,13 @@ impl TargetAddr {
                 let mut octets = [0u8; 4];
                 reader.read_exact(&mut octets).await?;
                 let port = reader.read_u16().await?;
-                Ok(TargetAddr::Ip(SocketAddr::new(
-                    Ipv4Addr::from(octets).into(),
-                    port,
-                )))
+                Ok(TargetAddr::Ip(SocketAddr::new(Ipv4Addr::from(octets).into(), port)))
             }
             ATYP_IPV6 => {
                 let mut octets = [0u8; 16];
                 reader.read_exact(&mut octets).await?;
                 let port = reader.read_u16().await?;
-                Ok(TargetAddr::Ip(SocketAddr::new(
-                    Ipv6Addr::from(octets).into(),
-                    port,
-                )))
+                Ok(TargetAddr::Ip(SocketAddr::new(Ipv6Addr::from(octets).into(), port)))
             }
             ATYP_DOMAIN => {
                 let len = reader.read_u8().await? as usize;

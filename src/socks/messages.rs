@@ -40,18 +40,14 @@ pub struct MethodSelection {
 }
 
 impl MethodSelection {
-    pub const NO_ACCEPTABLE: MethodSelection = MethodSelection {
-        method: METHOD_NO_ACCEPTABLE,
-    };
+    pub const NO_ACCEPTABLE: MethodSelection = MethodSelection { method: METHOD_NO_ACCEPTABLE };
 
     pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, SocksError> {
         let version = reader.read_u8().await?;
         if version != SOCKS_VERSION {
             return Err(SocksError::UnsupportedVersion(version));
         }
-        Ok(MethodSelection {
-            method: reader.read_u8().await?,
-        })
+        Ok(MethodSelection { method: reader.read_u8().await? })
     }
 
     pub fn to_bytes(self) -> [u8; 2] {
@@ -77,10 +73,7 @@ impl UserPassRequest {
         // Credentials that are not UTF-8 can match no configured user, so they simply fail.
         let username = String::from_utf8(username).map_err(|_| SocksError::AuthFailed)?;
         let password = String::from_utf8(password).map_err(|_| SocksError::AuthFailed)?;
-        Ok(UserPassRequest {
-            username,
-            password: Secret::new(password),
-        })
+        Ok(UserPassRequest { username, password: Secret::new(password) })
     }
 
     pub fn write_to(&self, buf: &mut Vec<u8>) {
@@ -112,9 +105,7 @@ impl UserPassReply {
         if version != USERPASS_VERSION {
             return Err(SocksError::AuthVersion(version));
         }
-        Ok(UserPassReply {
-            success: reader.read_u8().await? == 0,
-        })
+        Ok(UserPassReply { success: reader.read_u8().await? == 0 })
     }
 
     pub fn to_bytes(self) -> [u8; 2] {
@@ -139,7 +130,7 @@ impl Command {
         }
     }
 
-    fn to_byte(self) -> u8 {
+    pub fn as_byte(self) -> u8 {
         match self {
             Command::Connect => 0x01,
             Command::Bind => 0x02,
@@ -166,14 +157,11 @@ impl Request {
         // Read the address before judging the command so the error reply follows a whole request.
         let target = TargetAddr::read_from(reader).await;
         let command = Command::from_byte(command)?;
-        Ok(Request {
-            command,
-            target: target?,
-        })
+        Ok(Request { command, target: target? })
     }
 
     pub fn write_to(&self, buf: &mut Vec<u8>) {
-        buf.extend_from_slice(&[SOCKS_VERSION, self.command.to_byte(), 0x00]);
+        buf.extend_from_slice(&[SOCKS_VERSION, self.command.as_byte(), 0x00]);
         self.target.write_to(buf);
     }
 }
@@ -219,10 +207,7 @@ pub struct Reply {
 
 impl Reply {
     pub fn failure(code: ReplyCode) -> Self {
-        Reply {
-            code,
-            bound: TargetAddr::unspecified(),
-        }
+        Reply { code, bound: TargetAddr::unspecified() }
     }
 
     pub async fn read_from<R: AsyncRead + Unpin>(reader: &mut R) -> Result<Self, SocksError> {

@@ -1,0 +1,62 @@
+//! Process-level counters of the SOCKS server (sessions, bytes, handshake failures).
+//!
+//! Plain atomics: these are independent tallies read by the stats endpoint, not pool state.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+#[derive(Debug, Default)]
+pub struct ServerMetrics {
+    sessions_active: AtomicU64,
+    sessions_total: AtomicU64,
+    bytes_client_to_upstream: AtomicU64,
+    bytes_upstream_to_client: AtomicU64,
+    handshake_failures: AtomicU64,
+    rejected_over_limit: AtomicU64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct ServerMetricsSnapshot {
+    pub sessions_active: u64,
+    pub sessions_total: u64,
+    pub bytes_client_to_upstream: u64,
+    pub bytes_upstream_to_client: u64,
+    pub handshake_failures: u64,
+    pub rejected_over_limit: u64,
+}
+
+impl ServerMetrics {
+    pub fn session_started(&self) {
+        self.sessions_active.fetch_add(1, Relaxed);
+        self.sessions_total.fetch_add(1, Relaxed);
+    }
+
+    pub fn session_ended(&self) {
+        self.sessions_active.fetch_sub(1, Relaxed);
+    }
+
+    pub fn add_relayed(&self, to_upstream: u64, to_client: u64) {
+        self.bytes_client_to_upstream.fetch_add(to_upstream, Relaxed);
+        self.bytes_upstream_to_client.fetch_add(to_client, Relaxed);
+    }
+
+    pub fn handshake_failed(&self) {
+        self.handshake_failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected_over_limit(&self) {
+        self.rejected_over_limit.fetch_add(1, Relaxed);
+    }
+
+    pub fn snapshot(&self) -> ServerMetricsSnapshot {
+        ServerMetricsSnapshot {
+            sessions_active: self.sessions_active.load(Relaxed),
+            sessions_total: self.sessions_total.load(Relaxed),
+            bytes_client_to_upstream: self.bytes_client_to_upstream.load(Relaxed),
+            bytes_upstream_to_client: self.bytes_upstream_to_client.load(Relaxed),
+            handshake_failures: self.handshake_failures.load(Relaxed),
+            rejected_over_limit: self.rejected_over_limit.load(Relaxed),
+        }
+    }
+}

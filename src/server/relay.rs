@@ -1,0 +1,69 @@
+//! Copies bytes between a client and its upstream until both directions are done.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+/// Per-direction buffer. Small enough that 10k idle sessions stay cheap, large enough for bulk.
+const RELAY_BUFFER: usize = 16 * 1024;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayOutcome {
+    pub client_to_upstream: u64,
+    pub upstream_to_client: u64,
+    /// True when not a byte (nor a FIN) reached the upstream and none came from it: the upstream
+    /// connection is still a never-used spare and may go back to the pool.
+    pub upstream_untouched: bool,
+}
+
+/// Relays until both directions have seen EOF, an error occurs, or `cancel` fires.
+///
+/// `pending` holds bytes the client sent right behind its CONNECT request (read along with the
+/// handshake); they are delivered first. Half-close is propagated both ways: a client that shuts
+/// down its write side still receives the rest of the response.
+pub async fn relay(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    pending: &[u8],
+    cancel: &CancellationToken,
+) -> io::Result<RelayOutcome> {
+    let mut outcome = RelayOutcome::default();
+    if pending.is_empty() {
+        // Wait for the first event before touching the upstream. A client that leaves without
+        // sending anything (a browser's unused preconnect, say) hands back an untouched spare.
+        let mut first = vec![0u8; RELAY_BUFFER];
+        tokio::select! {
+            read = client.read(&mut first) => match read {
+                Ok(0) | Err(_) => {
+                    return Ok(RelayOutcome { upstream_untouched: true, ..outcome });
+                }
+                Ok(n) => {
+                    upstream.write_all(&first[..n]).await?;
+                    outcome.client_to_upstream += n as u64;
+                }
+            },
+            // The upstream speaks first (a server greeting) or closed: either way it is used now.
+            ready = upstream.readable() => ready?,
+            _ = cancel.cancelled() => {
+                return Ok(RelayOutcome { upstream_untouched: true, ..outcome });
+            }
+        }
+    } else {
+        upstream.write_all(pending).await?;
+        outcome.client_to_upstream += pending.len() as u64;
+    }
+
+    let copy =
+        tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER);
+    tokio::select! {
+        copied = copy => {
+            let (to_upstream, to_client) = copied?;
+            outcome.client_to_upstream += to_upstream;
+            outcome.upstream_to_client += to_client;
+            Ok(outcome)
+        }
+        _ = cancel.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "relay cut at shutdown")),
+    }
+}
