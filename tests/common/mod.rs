@@ -1,0 +1,152 @@
+//! Shared test fixtures: an in-process proxy on an ephemeral port, upstream servers that record
+//! what they accepted, and a small SOCKS5 client built on the crate's own codec.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::net::SocketAddr;
+
+use poolsocks::config::Config;
+use poolsocks::server::{Server, ServerError};
+use poolsocks::socks::{
+    Command, Greeting, MethodSelection, Reply, Request, TargetAddr, UserPassReply, UserPassRequest,
+    METHOD_NO_AUTH, METHOD_USERPASS,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// A proxy running in this process on 127.0.0.1:0.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl TestProxy {
+    pub async fn start(config: Config) -> Self {
+        let server = Server::build(config).await.expect("server builds");
+        Self::start_server(server).await
+    }
+
+    pub async fn start_server(server: Server) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let addr = listener.local_addr().expect("proxy addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(listener, async move {
+            let _ = rx.await;
+        }));
+        TestProxy { addr, shutdown: Some(tx), task }
+    }
+
+    /// Triggers shutdown and waits until the server has drained and returned.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        (&mut self.task).await.expect("server task").expect("server ran cleanly");
+    }
+}
+
+/// Defaults, with a short handshake timeout so tests about silent clients end quickly.
+pub fn test_config() -> Config {
+    let mut config = Config::default();
+    config.server.handshake_timeout_ms = 500;
+    config.server.shutdown_grace_secs = 5;
+    config
+}
+
+/// An upstream that echoes every byte and half-closes after the client does. It reports each
+/// accepted connection's peer address, so tests see what really reached the destination.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub accepted: mpsc::UnboundedReceiver<SocketAddr>,
+}
+
+impl EchoServer {
+    pub async fn start() -> Self {
+        Self::start_on("127.0.0.1:0").await
+    }
+
+    pub async fn start_on(bind: &str) -> Self {
+        let listener = TcpListener::bind(bind).await.expect("bind echo server");
+        let addr = listener.local_addr().expect("echo addr");
+        let (tx, accepted) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, peer)) = listener.accept().await {
+                let _ = tx.send(peer);
+                tokio::spawn(async move {
+                    let (mut reader, mut writer) = stream.split();
+                    let _ = tokio::io::copy(&mut reader, &mut writer).await;
+                    let _ = writer.shutdown().await;
+                });
+            }
+        });
+        EchoServer { addr, accepted }
+    }
+}
+
+/// A port on 127.0.0.1 where nothing listens (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("addr")
+}
+
+/// Sends the greeting and returns the server's choice.
+pub async fn greet(stream: &mut TcpStream, methods: &[u8]) -> MethodSelection {
+    let mut buf = Vec::new();
+    Greeting { methods: methods.to_vec() }.write_to(&mut buf);
+    stream.write_all(&buf).await.expect("send greeting");
+    MethodSelection::read_from(stream).await.expect("method selection")
+}
+
+pub async fn authenticate(stream: &mut TcpStream, username: &str, password: &str) -> UserPassReply {
+    let mut buf = Vec::new();
+    UserPassRequest { username: username.into(), password: poolsocks::secret::Secret::new(password) }
+        .write_to(&mut buf);
+    stream.write_all(&buf).await.expect("send credentials");
+    UserPassReply::read_from(stream).await.expect("auth reply")
+}
+
+pub async fn request(stream: &mut TcpStream, command: Command, target: TargetAddr) -> Reply {
+    let mut buf = Vec::new();
+    Request { command, target }.write_to(&mut buf);
+    stream.write_all(&buf).await.expect("send request");
+    Reply::read_from(stream).await.expect("reply")
+}
+
+/// A no-auth CONNECT through `proxy`; returns the stream (ready to relay) and the reply.
+pub async fn connect(proxy: SocketAddr, target: TargetAddr) -> (TcpStream, Reply) {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect to proxy");
+    assert_eq!(greet(&mut stream, &[METHOD_NO_AUTH]).await.method, METHOD_NO_AUTH);
+    let reply = request(&mut stream, Command::Connect, target).await;
+    (stream, reply)
+}
+
+/// CONNECT with username/password.
+pub async fn connect_with_password(proxy: SocketAddr, target: TargetAddr, user: &str, password: &str) -> (TcpStream, Reply) {
+    let mut stream = TcpStream::connect(proxy).await.expect("connect to proxy");
+    assert_eq!(greet(&mut stream, &[METHOD_USERPASS]).await.method, METHOD_USERPASS);
+    assert!(authenticate(&mut stream, user, password).await.success, "credentials accepted");
+    let reply = request(&mut stream, Command::Connect, target).await;
+    (stream, reply)
+}
+
+/// Writes `payload`, reads the same number of bytes back and returns them.
+pub async fn round_trip(stream: &mut TcpStream, payload: &[u8]) -> Vec<u8> {
+    stream.write_all(payload).await.expect("write");
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).await.expect("read back");
+    back
+}
+
+/// Reads until EOF; returns what came, or the error that ended it.
+pub async fn read_to_end(stream: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all).await.map(|_| all)
+}
+
+/// True when the peer closed the connection (EOF or reset) without sending anything more.
+pub async fn closed_without_data(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.read(&mut byte).await, Ok(0) | Err(_))
+}
