@@ -1,0 +1,257 @@
+//! The built `poolsocks` binary as a separate process: real clients (curl), CLI flags and
+//! graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const EVENT_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A daemon started from the built binary with a config written to a temp dir. Its stderr
+/// (the log) is forwarded line by line so tests can await log events.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    log: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("poolsocks.toml");
+        std::fs::write(&path, format!("{config}\n[logging]\nlevel = \"info\"\n")).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_poolsocks"))
+            .arg("--config")
+            .arg(&path)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .env_remove("RUST_LOG")
+            .spawn()
+            .expect("start poolsocks");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, log) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[daemon] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Daemon { child, addr: "0.0.0.0:0".parse().expect("addr"), log, _dir: dir };
+        let line = daemon.await_log("listening");
+        let addr = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("addr="))
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no addr in {line:?}"));
+        daemon.addr = addr;
+        daemon
+    }
+
+    /// Blocks until a log line containing `needle` appears.
+    fn await_log(&mut self, needle: &str) -> String {
+        loop {
+            match self.log.recv_timeout(EVENT_DEADLINE) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("log line {needle:?} never came: {e}"),
+            }
+        }
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let deadline = std::time::Instant::now() + EVENT_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "daemon did not exit");
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 origin on 127.0.0.1 that answers every request with `body` and closes.
+async fn http_origin(body: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+async fn curl(args: &[String]) -> (bool, String) {
+    let output = tokio::process::Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "10"])
+        .args(args)
+        .output()
+        .await
+        .expect("curl must be installed to run this test (apt-get install -y curl)");
+    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_fetches_through_the_daemon_with_remote_dns() {
+    let origin = http_origin("hello from origin").await;
+    let daemon = Daemon::start("[server]\nbind_port = 0\n");
+    let (ok, body) = curl(&[
+        "--socks5-hostname".into(),
+        daemon.addr.to_string(),
+        format!("http://localhost:{}/index.txt", origin.port()),
+    ])
+    .await;
+    assert!(ok, "curl failed");
+    assert_eq!(body, "hello from origin");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_with_username_and_password() {
+    let origin = http_origin("secret page").await;
+    let daemon = Daemon::start(
+        "[server]\nbind_port = 0\n[[auth.users]]\nusername = \"alice\"\npassword = \"pa:ss word\"\n",
+    );
+    let url = format!("http://127.0.0.1:{}/", origin.port());
+    let proxy = daemon.addr.to_string();
+    let (ok, body) = curl(&["--socks5".into(), proxy.clone(), "--proxy-user".into(), "alice:pa:ss word".into(), url.clone()]).await;
+    assert!(ok, "curl with the right password failed");
+    assert_eq!(body, "secret page");
+
+    let (ok, body) = curl(&["--socks5".into(), proxy.clone(), "--proxy-user".into(), "alice:wrong".into(), url.clone()]).await;
+    assert!(!ok && body.is_empty(), "wrong password must not get through");
+    let (ok, _) = curl(&["--socks5".into(), proxy, url]).await;
+    assert!(!ok, "no credentials must not get through");
+}
+
+#[test]
+fn check_flag_validates_and_exits() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config");
+    let run = |file: &str| {
+        Command::new(env!("CARGO_BIN_EXE_poolsocks"))
+            .arg("--check")
+            .arg("--config")
+            .arg(fixtures.join(file))
+            .output()
+            .expect("run poolsocks --check")
+    };
+    let ok = run("valid/rustsocks_pool.toml");
+    assert!(ok.status.success());
+    let bad = run("invalid/per_dest_over_total.toml");
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("server.pool.max_idle_per_dest") && stderr.contains("line 5"), "{stderr}");
+}
+
+#[test]
+fn print_default_config_prints_the_embedded_file_which_checks_clean() {
+    let out = Command::new(env!("CARGO_BIN_EXE_poolsocks")).arg("--print-default-config").output().expect("run");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).expect("utf8");
+    assert_eq!(text, poolsocks::config::DEFAULT_CONFIG_TOML);
+    let parsed = poolsocks::config::Config::from_toml(&text, None).expect("default config is valid");
+    assert_eq!(parsed, poolsocks::config::Config::default());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_mid_transfer_lets_the_transfer_finish_then_exits_0() {
+    // The origin sends half, waits for the test's go-ahead (given after SIGTERM was logged),
+    // then sends the rest and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let origin = listener.local_addr().expect("addr");
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 253) as u8).collect();
+    let expected = payload.clone();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.expect("accept");
+        stream.write_all(&payload[..500_000]).await.expect("first half");
+        let _ = go_rx.await;
+        stream.write_all(&payload[500_000..]).await.expect("second half");
+    });
+
+    let mut daemon = Daemon::start("[server]\nbind_port = 0\nshutdown_grace_secs = 30\n");
+    let mut client = TcpStream::connect(daemon.addr).await.expect("connect");
+    client.write_all(&[5, 1, 0]).await.expect("greeting");
+    let mut wire = Vec::new();
+    poolsocks::socks::Request { command: poolsocks::socks::Command::Connect, target: origin.into() }
+        .write_to(&mut wire);
+    client.write_all(&wire).await.expect("request");
+    let mut head = [0u8; 2 + 10];
+    client.read_exact(&mut head).await.expect("selection + reply");
+    assert_eq!(head[3], 0, "CONNECT succeeded");
+    let mut received = vec![0u8; 500_000];
+    client.read_exact(&mut received).await.expect("first half");
+
+    daemon.signal(libc::SIGTERM);
+    daemon.await_log("draining sessions");
+    // The listener is closed: new clients are refused while the old session drains.
+    assert!(TcpStream::connect(daemon.addr).await.is_err(), "listener still open during drain");
+    let _ = go_tx.send(());
+    client.read_to_end(&mut received).await.expect("rest of the transfer");
+    assert!(received == expected, "transfer corrupted or cut ({} bytes)", received.len());
+    drop(client);
+    let status = tokio::task::spawn_blocking(move || daemon.wait()).await.expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sessions_still_open_after_the_grace_period_are_cut_and_the_daemon_exits_0() {
+    let echo_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let origin = echo_listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        // Accept and hold the connection open without ever closing it.
+        let held = echo_listener.accept().await;
+        std::future::pending::<()>().await;
+        drop(held);
+    });
+    let mut daemon = Daemon::start("[server]\nbind_port = 0\nshutdown_grace_secs = 1\n");
+    let mut client = TcpStream::connect(daemon.addr).await.expect("connect");
+    client.write_all(&[5, 1, 0, 5, 1, 0, 1, 127, 0, 0, 1]).await.expect("greeting + request head");
+    client.write_all(&origin.port().to_be_bytes()).await.expect("port");
+    let mut head = [0u8; 12];
+    client.read_exact(&mut head).await.expect("reply");
+    assert_eq!(head[3], 0);
+
+    daemon.signal(libc::SIGINT);
+    daemon.await_log("grace period over");
+    let mut rest = Vec::new();
+    let cut = tokio::time::timeout(EVENT_DEADLINE, client.read_to_end(&mut rest)).await;
+    assert!(cut.is_ok(), "session was not cut");
+    let status = tokio::task::spawn_blocking(move || daemon.wait()).await.expect("wait");
+    assert!(status.success(), "exit status {status}");
+}
