@@ -43,21 +43,42 @@ async fn every_kind_of_bad_handshake_is_answered_or_closed_while_good_clients_ar
 
     let mut oversized_domain = vec![5, 1, 0, 5, 1, 0, 3, 255];
     oversized_domain.extend_from_slice(&[b'a'; 40]); // promises 255 bytes, sends 40, then stalls
-    let garbage: Vec<u8> = (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let garbage: Vec<u8> =
+        (0..64u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
 
     let cases: Vec<(&str, TcpStream, Outcome)> = vec![
-        ("wrong version (SOCKS4)", send_raw(proxy.addr, &[4, 1, 0, 80, 127, 0, 0, 1, 0], false).await, Outcome::ClosedAfter(vec![])),
-        ("zero methods", send_raw(proxy.addr, &[5, 0], false).await, Outcome::ClosedAfter(vec![5, METHOD_NO_ACCEPTABLE])),
-        ("truncated greeting", send_raw(proxy.addr, &[5, 3, 0], true).await, Outcome::ClosedAfter(vec![])),
+        (
+            "wrong version (SOCKS4)",
+            send_raw(proxy.addr, &[4, 1, 0, 80, 127, 0, 0, 1, 0], false).await,
+            Outcome::ClosedAfter(vec![]),
+        ),
+        (
+            "zero methods",
+            send_raw(proxy.addr, &[5, 0], false).await,
+            Outcome::ClosedAfter(vec![5, METHOD_NO_ACCEPTABLE]),
+        ),
+        (
+            "truncated greeting",
+            send_raw(proxy.addr, &[5, 3, 0], true).await,
+            Outcome::ClosedAfter(vec![]),
+        ),
         (
             "truncated request",
             send_raw(proxy.addr, &[5, 1, 0, 5, 1, 0, 1, 127, 0], true).await,
             Outcome::ClosedAfter(vec![5, 0]),
         ),
-        ("oversized domain length, stalled", send_raw(proxy.addr, &oversized_domain, false).await, Outcome::ClosedAfter(vec![5, 0])),
+        (
+            "oversized domain length, stalled",
+            send_raw(proxy.addr, &oversized_domain, false).await,
+            Outcome::ClosedAfter(vec![5, 0]),
+        ),
         ("garbage", send_raw(proxy.addr, &garbage, false).await, Outcome::ClosedAfter(vec![])),
         ("silent client", send_raw(proxy.addr, &[], false).await, Outcome::ClosedAfter(vec![])),
-        ("greeting then silence", send_raw(proxy.addr, &[5, 1, 0], false).await, Outcome::ClosedAfter(vec![5, 0])),
+        (
+            "greeting then silence",
+            send_raw(proxy.addr, &[5, 1, 0], false).await,
+            Outcome::ClosedAfter(vec![5, 0]),
+        ),
     ];
 
     // While all of those are pending, a well-behaved client is served in full.
@@ -114,7 +135,8 @@ async fn clients_over_max_connections_are_accepted_and_closed_then_served_once_a
         stream.write_all(&[5, 1, 0]).await.expect("greeting");
         let mut selection = [0u8; 2];
         if stream.read_exact(&mut selection).await.is_ok() {
-            let reply = request(&mut stream, poolsocks::socks::Command::Connect, echo.addr.into()).await;
+            let reply =
+                request(&mut stream, poolsocks::socks::Command::Connect, echo.addr.into()).await;
             assert_eq!(reply.code, ReplyCode::Succeeded);
             assert_eq!(round_trip(&mut stream, b"admitted").await, b"admitted");
             served = true;

@@ -28,7 +28,8 @@ fn valid_fixtures_load() {
 
 #[test]
 fn a_rustsocks_style_file_keeps_its_meaning() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/config/valid/rustsocks_pool.toml");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config/valid/rustsocks_pool.toml");
     let config = Config::load(&path).expect("valid");
     let pool = &config.server.pool;
     assert!(pool.enabled);
@@ -54,13 +55,18 @@ fn invalid_fixtures_are_refused_with_the_expected_message() {
         };
         assert!(message.contains(&*path.to_string_lossy()), "message names the file: {message}");
         for expected in expectations {
-            assert!(message.contains(expected), "{}: expected {expected:?} in:\n{message}", path.display());
+            assert!(
+                message.contains(expected),
+                "{}: expected {expected:?} in:\n{message}",
+                path.display()
+            );
         }
     }
 }
 
 #[test]
 fn a_missing_file_is_reported_with_its_path() {
-    let message = Config::load(Path::new("/nonexistent/poolsocks.toml")).expect_err("missing").to_string();
+    let message =
+        Config::load(Path::new("/nonexistent/poolsocks.toml")).expect_err("missing").to_string();
     assert!(message.contains("/nonexistent/poolsocks.toml"), "{message}");
 }

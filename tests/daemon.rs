@@ -25,7 +25,8 @@ impl Daemon {
     fn start(config: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("poolsocks.toml");
-        std::fs::write(&path, format!("{config}\n[logging]\nlevel = \"info\"\n")).expect("write config");
+        std::fs::write(&path, format!("{config}\n[logging]\nlevel = \"info\"\n"))
+            .expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_poolsocks"))
             .arg("--config")
             .arg(&path)
@@ -149,11 +150,25 @@ async fn curl_with_username_and_password() {
     );
     let url = format!("http://127.0.0.1:{}/", origin.port());
     let proxy = daemon.addr.to_string();
-    let (ok, body) = curl(&["--socks5".into(), proxy.clone(), "--proxy-user".into(), "alice:pa:ss word".into(), url.clone()]).await;
+    let (ok, body) = curl(&[
+        "--socks5".into(),
+        proxy.clone(),
+        "--proxy-user".into(),
+        "alice:pa:ss word".into(),
+        url.clone(),
+    ])
+    .await;
     assert!(ok, "curl with the right password failed");
     assert_eq!(body, "secret page");
 
-    let (ok, body) = curl(&["--socks5".into(), proxy.clone(), "--proxy-user".into(), "alice:wrong".into(), url.clone()]).await;
+    let (ok, body) = curl(&[
+        "--socks5".into(),
+        proxy.clone(),
+        "--proxy-user".into(),
+        "alice:wrong".into(),
+        url.clone(),
+    ])
+    .await;
     assert!(!ok && body.is_empty(), "wrong password must not get through");
     let (ok, _) = curl(&["--socks5".into(), proxy, url]).await;
     assert!(!ok, "no credentials must not get through");
@@ -175,16 +190,23 @@ fn check_flag_validates_and_exits() {
     let bad = run("invalid/per_dest_over_total.toml");
     assert_eq!(bad.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&bad.stderr);
-    assert!(stderr.contains("server.pool.max_idle_per_dest") && stderr.contains("line 5"), "{stderr}");
+    assert!(
+        stderr.contains("server.pool.max_idle_per_dest") && stderr.contains("line 5"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn print_default_config_prints_the_embedded_file_which_checks_clean() {
-    let out = Command::new(env!("CARGO_BIN_EXE_poolsocks")).arg("--print-default-config").output().expect("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_poolsocks"))
+        .arg("--print-default-config")
+        .output()
+        .expect("run");
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).expect("utf8");
     assert_eq!(text, poolsocks::config::DEFAULT_CONFIG_TOML);
-    let parsed = poolsocks::config::Config::from_toml(&text, None).expect("default config is valid");
+    let parsed =
+        poolsocks::config::Config::from_toml(&text, None).expect("default config is valid");
     assert_eq!(parsed, poolsocks::config::Config::default());
 }
 
@@ -208,8 +230,11 @@ async fn sigterm_mid_transfer_lets_the_transfer_finish_then_exits_0() {
     let mut client = TcpStream::connect(daemon.addr).await.expect("connect");
     client.write_all(&[5, 1, 0]).await.expect("greeting");
     let mut wire = Vec::new();
-    poolsocks::socks::Request { command: poolsocks::socks::Command::Connect, target: origin.into() }
-        .write_to(&mut wire);
+    poolsocks::socks::Request {
+        command: poolsocks::socks::Command::Connect,
+        target: origin.into(),
+    }
+    .write_to(&mut wire);
     client.write_all(&wire).await.expect("request");
     let mut head = [0u8; 2 + 10];
     client.read_exact(&mut head).await.expect("selection + reply");

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use common::*;
 use poolsocks::config::{SocksMethod, UserConfig};
 use poolsocks::secret::Secret;
-use poolsocks::socks::{Command, ReplyCode, TargetAddr, METHOD_NO_ACCEPTABLE, METHOD_NO_AUTH, METHOD_USERPASS};
+use poolsocks::socks::{
+    Command, ReplyCode, TargetAddr, METHOD_NO_ACCEPTABLE, METHOD_NO_AUTH, METHOD_USERPASS,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 
@@ -87,8 +89,11 @@ async fn connect_timeout_gets_ttl_expired_0x06() {
     let blackhole = listener.local_addr().expect("addr");
     let mut fillers = Vec::new();
     for _ in 0..2 {
-        if let Ok(Ok(stream)) =
-            tokio::time::timeout(std::time::Duration::from_millis(200), TcpStream::connect(blackhole)).await
+        if let Ok(Ok(stream)) = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            TcpStream::connect(blackhole),
+        )
+        .await
         {
             fillers.push(stream);
         }
@@ -109,7 +114,12 @@ async fn bind_and_udp_associate_get_command_not_supported_0x07() {
     for command in [Command::Bind, Command::UdpAssociate] {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
         greet(&mut stream, &[METHOD_NO_AUTH]).await;
-        let reply = request(&mut stream, command, "127.0.0.1:80".parse::<SocketAddr>().expect("addr").into()).await;
+        let reply = request(
+            &mut stream,
+            command,
+            "127.0.0.1:80".parse::<SocketAddr>().expect("addr").into(),
+        )
+        .await;
         assert_eq!(reply.code, ReplyCode::CommandNotSupported, "{command:?}");
         assert!(closed_without_data(&mut stream).await);
     }
@@ -153,7 +163,8 @@ async fn empty_domain_name_gets_general_failure_0x01() {
 fn userpass_config() -> poolsocks::config::Config {
     let mut config = test_config();
     config.auth.socks_method = Some(SocksMethod::Userpass);
-    config.auth.users = vec![UserConfig { username: "alice".into(), password: Secret::new("s3cret!") }];
+    config.auth.users =
+        vec![UserConfig { username: "alice".into(), password: Secret::new("s3cret!") }];
     config
 }
 
@@ -161,7 +172,8 @@ fn userpass_config() -> poolsocks::config::Config {
 async fn username_password_success_then_connect() {
     let echo = EchoServer::start().await;
     let proxy = TestProxy::start(userpass_config()).await;
-    let (mut stream, reply) = connect_with_password(proxy.addr, echo.addr.into(), "alice", "s3cret!").await;
+    let (mut stream, reply) =
+        connect_with_password(proxy.addr, echo.addr.into(), "alice", "s3cret!").await;
     assert_eq!(reply.code, ReplyCode::Succeeded);
     assert_eq!(round_trip(&mut stream, b"authenticated").await, b"authenticated");
     drop(stream);
@@ -204,7 +216,8 @@ async fn data_pipelined_in_the_same_segment_as_connect_reaches_the_destination()
     stream.set_nodelay(true).expect("nodelay");
     // Greeting, request and payload in one write: one segment on loopback.
     let mut wire = vec![5, 1, METHOD_NO_AUTH];
-    poolsocks::socks::Request { command: Command::Connect, target: echo.addr.into() }.write_to(&mut wire);
+    poolsocks::socks::Request { command: Command::Connect, target: echo.addr.into() }
+        .write_to(&mut wire);
     wire.extend_from_slice(b"early bytes");
     stream.write_all(&wire).await.expect("write all at once");
 

@@ -101,8 +101,11 @@ pub async fn greet(stream: &mut TcpStream, methods: &[u8]) -> MethodSelection {
 
 pub async fn authenticate(stream: &mut TcpStream, username: &str, password: &str) -> UserPassReply {
     let mut buf = Vec::new();
-    UserPassRequest { username: username.into(), password: poolsocks::secret::Secret::new(password) }
-        .write_to(&mut buf);
+    UserPassRequest {
+        username: username.into(),
+        password: poolsocks::secret::Secret::new(password),
+    }
+    .write_to(&mut buf);
     stream.write_all(&buf).await.expect("send credentials");
     UserPassReply::read_from(stream).await.expect("auth reply")
 }
@@ -123,7 +126,12 @@ pub async fn connect(proxy: SocketAddr, target: TargetAddr) -> (TcpStream, Reply
 }
 
 /// CONNECT with username/password.
-pub async fn connect_with_password(proxy: SocketAddr, target: TargetAddr, user: &str, password: &str) -> (TcpStream, Reply) {
+pub async fn connect_with_password(
+    proxy: SocketAddr,
+    target: TargetAddr,
+    user: &str,
+    password: &str,
+) -> (TcpStream, Reply) {
     let mut stream = TcpStream::connect(proxy).await.expect("connect to proxy");
     assert_eq!(greet(&mut stream, &[METHOD_USERPASS]).await.method, METHOD_USERPASS);
     assert!(authenticate(&mut stream, user, password).await.success, "credentials accepted");
