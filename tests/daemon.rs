@@ -118,26 +118,41 @@ async fn http_origin(body: &'static str) -> SocketAddr {
     addr
 }
 
-async fn curl(args: &[String]) -> (bool, String) {
+/// Runs curl; `None` when curl is not installed and this is not CI (CI installs it, so there
+/// a missing curl fails the test instead of skipping it).
+async fn curl(args: &[String]) -> Option<(bool, String)> {
     let output = tokio::process::Command::new("curl")
         .args(["--silent", "--show-error", "--max-time", "10"])
         .args(args)
         .output()
-        .await
-        .expect("curl must be installed to run this test (apt-get install -y curl)");
-    (output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned())
+        .await;
+    match output {
+        Ok(output) => {
+            Some((output.status.success(), String::from_utf8_lossy(&output.stdout).into_owned()))
+        }
+        Err(e) if std::env::var_os("CI").is_none() => {
+            eprintln!(
+                "SKIPPED: curl not runnable ({e}); install it with `apt-get install -y curl`"
+            );
+            None
+        }
+        Err(e) => panic!("curl is required in CI: {e}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn curl_fetches_through_the_daemon_with_remote_dns() {
     let origin = http_origin("hello from origin").await;
     let daemon = Daemon::start("[server]\nbind_port = 0\n");
-    let (ok, body) = curl(&[
+    let Some((ok, body)) = curl(&[
         "--socks5-hostname".into(),
         daemon.addr.to_string(),
         format!("http://localhost:{}/index.txt", origin.port()),
     ])
-    .await;
+    .await
+    else {
+        return;
+    };
     assert!(ok, "curl failed");
     assert_eq!(body, "hello from origin");
 }
@@ -150,14 +165,17 @@ async fn curl_with_username_and_password() {
     );
     let url = format!("http://127.0.0.1:{}/", origin.port());
     let proxy = daemon.addr.to_string();
-    let (ok, body) = curl(&[
+    let Some((ok, body)) = curl(&[
         "--socks5".into(),
         proxy.clone(),
         "--proxy-user".into(),
         "alice:pa:ss word".into(),
         url.clone(),
     ])
-    .await;
+    .await
+    else {
+        return;
+    };
     assert!(ok, "curl with the right password failed");
     assert_eq!(body, "secret page");
 
@@ -168,9 +186,10 @@ async fn curl_with_username_and_password() {
         "alice:wrong".into(),
         url.clone(),
     ])
-    .await;
+    .await
+    .unwrap_or_default();
     assert!(!ok && body.is_empty(), "wrong password must not get through");
-    let (ok, _) = curl(&["--socks5".into(), proxy, url]).await;
+    let (ok, _) = curl(&["--socks5".into(), proxy, url]).await.unwrap_or_default();
     assert!(!ok, "no credentials must not get through");
 }
 
