@@ -201,6 +201,8 @@ pub struct SessionsConfig {
     pub stats_api_enabled: bool,
     pub stats_api_bind_address: IpAddr,
     pub stats_api_port: u16,
+    /// When set, every stats route requires `Authorization: Bearer <token>`.
+    pub stats_api_token: Option<Secret>,
 }
 
 impl Default for SessionsConfig {
@@ -209,6 +211,7 @@ impl Default for SessionsConfig {
             stats_api_enabled: DEFAULT_STATS_API_ENABLED,
             stats_api_bind_address: DEFAULT_STATS_API_BIND_ADDRESS,
             stats_api_port: DEFAULT_STATS_API_PORT,
+            stats_api_token: None,
         }
     }
 }
