@@ -1,1 +1,109 @@
-//! The upstream connection pool as ractor actors (work in progress).
+//! The upstream connection pool, as ractor actors.
+//!
+//! A SOCKS proxy cannot see message boundaries, so a connection that carried any byte of one
+//! client's session is never given to another. The pool holds **spares**: open upstream
+//! connections no client has used yet.
+//! - A spare is handed out LIFO, after a non-blocking check (a peer-closed spare is discarded;
+//!   unread bytes on it are a server greeting and stay there for the client).
+//! - Handing out a spare, and a miss, each start one background dial (within the
+//!   per-destination limit, the global budget and the failure backoff), so the next client hits.
+//! - A session that moved no byte either way may hand its connection back; it is pooled as a
+//!   spare again. A used connection is closed when its session ends.
+//!
+//! The actors:
+//! - [`Directory`](directory::Directory): routes checkouts to the destination's PoolManager
+//!   (spawned linked on first demand), supervises and restarts, and prunes cold destinations;
+//! - [`PoolManager`](manager::PoolManager): one per destination, owner of its spares;
+//! - [`GlobalBudget`](budget::GlobalBudget): `max_total_idle`, by reservation before a
+//!   connection may enter a pool, evicting the least recently pooled spare when full;
+//! - [`Janitor`](janitor::Janitor): a timer that expires old spares and prunes cold
+//!   destinations.
+//!
+//! Client handlers use [`Pool`] through [`Connector`](crate::upstream::Connector): one call
+//! with a timeout per checkout, and on any failure of the pool a direct dial. Bytes never pass
+//! through an actor.
+//!
+//! # Harnesses
+//! Everything is public so a test can script the pool without the SOCKS server: inject a
+//! [`Dialer`](crate::upstream::Dialer) that fails, hangs or counts; watch counters change;
+//! run the Janitor by hand (with `tokio::time::pause()` and `advance()` for time); inject faults
+//! with [`ManagerMsg::InjectFault`].
+//!
+//! ```
+//! use std::sync::Arc;
+//! use poolsocks::config::PoolConfig;
+//! use poolsocks::pool::{Pool, PoolOptions};
+//! use poolsocks::socks::TargetAddr;
+//! use poolsocks::telemetry::Telemetry;
+//! use poolsocks::upstream::{Connector, Origin, TcpDialer};
+//!
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let target = TargetAddr::Ip(upstream.local_addr()?);
+//! tokio::spawn(async move {
+//!     let mut held = Vec::new();
+//!     while let Ok((socket, _)) = upstream.accept().await {
+//!         held.push(socket);
+//!     }
+//! });
+//!
+//! let config = PoolConfig { enabled: true, ..PoolConfig::default() };
+//! let mut options = PoolOptions::from_config(&config);
+//! options.janitor_period = None; // the harness runs the Janitor itself
+//! let pool = Pool::spawn(options, Arc::new(TcpDialer), Telemetry::disabled()).await?;
+//!
+//! // First checkout: a miss (dialed for us), which starts a background dial of a spare.
+//! let first = pool.acquire(&target).await?;
+//! assert_eq!(first.origin, Origin::Dialed);
+//! first.finish(false); // it carried traffic: closed, never pooled
+//!
+//! // Await the spare (an event, not a sleep), then the second client gets it.
+//! let mut dest = pool.watch_destination(&target).await?;
+//! dest.wait_for(|s| s.idle == 1).await?;
+//! let second = pool.acquire(&target).await?;
+//! assert_eq!(second.origin, Origin::Pooled);
+//! second.finish(false);
+//!
+//! dest.wait_for(|s| s.idle == 1 && s.is_quiet()).await?; // its replacement
+//! let stats = pool.stats().await?;
+//! assert_eq!((stats.pool_hits, stats.pool_misses), (1, 1));
+//! assert_eq!(stats.connections_in_use, 0);
+//!
+//! let report = pool.run_janitor().await?; // nothing is 90 s old yet
+//! assert_eq!(report.expired, 0);
+//! pool.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod budget;
+pub mod directory;
+pub mod handle;
+pub mod janitor;
+pub mod lease;
+pub mod manager;
+pub mod messages;
+pub mod options;
+pub mod refill;
+pub mod spare;
+pub mod stats;
+
+pub use handle::{Pool, PoolError};
+pub use lease::PoolLease;
+pub use messages::{
+    BudgetMsg, Checkout, DirectoryMsg, Fault, JanitorMsg, ManagerMsg, ManagerSweep, SweepReport,
+};
+pub use options::PoolOptions;
+pub use refill::RefillMode;
+pub use stats::{BudgetStats, DestCounters, DestStats, PoolStats};
+
+/// Telemetry categories the pool records under.
+pub mod category {
+    /// A cap closed a connection or forced an eviction (warning).
+    pub const POOL_LIMIT: &str = "pool.limit";
+    /// A background dial failed (error).
+    pub const POOL_DIAL: &str = "pool.dial";
+    /// An actor failed and was restarted (error).
+    pub const POOL_SUPERVISOR: &str = "pool.supervisor";
+    /// A checkout fell back to a direct dial (warning).
+    pub const POOL_FALLBACK: &str = "pool.fallback";
+}

@@ -1,0 +1,198 @@
+//! The GlobalBudget: `max_total_idle` enforced exactly across all destinations.
+//!
+//! A connection may enter any pool only with a slot reserved here first (before the background
+//! dial starts, or before an untouched connection is taken back), so idle connections can never
+//! outnumber slots, even for an instant. When no slot is free, the least recently pooled spare of
+//! another destination is evicted by message to its PoolManager, and the request waits until that
+//! slot is released. Replies go back by message too: a manager never blocks on the budget.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+
+use super::messages::{BudgetMsg, ManagerMsg, SlotId};
+use super::stats::BudgetStats;
+
+pub struct GlobalBudget;
+
+pub struct BudgetArgs {
+    pub max_total_idle: usize,
+    pub stats: Arc<watch::Sender<BudgetStats>>,
+}
+
+enum SlotState {
+    Reserved,
+    /// Idle in a pool since the given sequence number (lower = pooled earlier).
+    Pooled(u64),
+    Evicting,
+}
+
+struct Slot {
+    owner: ActorRef<ManagerMsg>,
+    state: SlotState,
+}
+
+pub struct BudgetState {
+    max: usize,
+    slots: HashMap<SlotId, Slot>,
+    /// Pooled slots by the order they were pooled: the first entry is the eviction victim.
+    pooled_order: BTreeMap<u64, SlotId>,
+    waiters: VecDeque<(ActorRef<ManagerMsg>, u64)>,
+    next_slot: SlotId,
+    next_seq: u64,
+    stats: BudgetStats,
+    publish: Arc<watch::Sender<BudgetStats>>,
+}
+
+impl Actor for GlobalBudget {
+    type Msg = BudgetMsg;
+    type State = BudgetState;
+    type Arguments = BudgetArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: BudgetArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let state = BudgetState {
+            max: args.max_total_idle,
+            slots: HashMap::new(),
+            pooled_order: BTreeMap::new(),
+            waiters: VecDeque::new(),
+            next_slot: 1,
+            next_seq: 1,
+            stats: BudgetStats { max_total_idle: args.max_total_idle, ..Default::default() },
+            publish: args.stats,
+        };
+        state.publish();
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: BudgetMsg,
+        state: &mut BudgetState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            BudgetMsg::Reserve { owner, tag } => state.reserve(owner, tag),
+            BudgetMsg::Pooled { slot } => state.pooled(slot),
+            BudgetMsg::Release { slot } => state.release(slot),
+            BudgetMsg::ReleaseOwner(owner) => state.release_owner(owner),
+            BudgetMsg::Stats(reply) => {
+                let _ = reply.send(state.snapshot());
+            }
+        }
+        state.publish();
+        Ok(())
+    }
+}
+
+impl BudgetState {
+    fn reserve(&mut self, owner: ActorRef<ManagerMsg>, tag: u64) {
+        if self.slots.len() < self.max {
+            self.grant(owner, tag);
+            return;
+        }
+        // Full: evict the least recently pooled spare of another destination (evicting the
+        // requester's own spare to make room for the requester would only churn).
+        let requester = owner.get_id();
+        let victim =
+            self.pooled_order.iter().map(|(&seq, &slot)| (seq, slot)).find(|(_, slot)| {
+                self.slots.get(slot).is_some_and(|s| s.owner.get_id() != requester)
+            });
+        match victim {
+            Some((seq, slot_id)) => {
+                self.pooled_order.remove(&seq);
+                if let Some(slot) = self.slots.get_mut(&slot_id) {
+                    slot.state = SlotState::Evicting;
+                    self.stats.evictions += 1;
+                    if slot.owner.cast(ManagerMsg::Evict { slot: slot_id }).is_err() {
+                        // Its manager is gone; the slot is free right away.
+                        self.slots.remove(&slot_id);
+                    }
+                }
+                self.waiters.push_back((owner, tag));
+                self.grant_waiters();
+            }
+            None => {
+                self.stats.denied += 1;
+                let _ = owner.cast(ManagerMsg::SlotDenied { tag });
+            }
+        }
+    }
+
+    fn grant(&mut self, owner: ActorRef<ManagerMsg>, tag: u64) {
+        let slot = self.next_slot;
+        self.next_slot += 1;
+        if owner.cast(ManagerMsg::SlotGranted { tag, slot }).is_ok() {
+            self.slots.insert(slot, Slot { owner, state: SlotState::Reserved });
+            self.stats.granted += 1;
+            self.stats.high_water = self.stats.high_water.max(self.slots.len());
+        }
+    }
+
+    /// Hands freed slots to queued requests, oldest first.
+    fn grant_waiters(&mut self) {
+        while self.slots.len() < self.max {
+            let Some((owner, tag)) = self.waiters.pop_front() else {
+                break;
+            };
+            self.grant(owner, tag);
+        }
+    }
+
+    fn pooled(&mut self, slot_id: SlotId) {
+        if let Some(slot) = self.slots.get_mut(&slot_id) {
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            slot.state = SlotState::Pooled(seq);
+            self.pooled_order.insert(seq, slot_id);
+        }
+    }
+
+    fn release(&mut self, slot_id: SlotId) {
+        if let Some(slot) = self.slots.remove(&slot_id) {
+            if let SlotState::Pooled(seq) = slot.state {
+                self.pooled_order.remove(&seq);
+            }
+        }
+        self.grant_waiters();
+    }
+
+    fn release_owner(&mut self, owner: ActorId) {
+        let gone: Vec<SlotId> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.owner.get_id() == owner)
+            .map(|(&id, _)| id)
+            .collect();
+        for slot in gone {
+            self.release(slot);
+        }
+        self.waiters.retain(|(o, _)| o.get_id() != owner);
+        self.grant_waiters();
+    }
+
+    fn snapshot(&self) -> BudgetStats {
+        let mut stats = self.stats.clone();
+        stats.reserved = 0;
+        stats.pooled = 0;
+        stats.evicting = 0;
+        for slot in self.slots.values() {
+            match slot.state {
+                SlotState::Reserved => stats.reserved += 1,
+                SlotState::Pooled(_) => stats.pooled += 1,
+                SlotState::Evicting => stats.evicting += 1,
+            }
+        }
+        stats.waiting = self.waiters.len();
+        stats
+    }
+
+    fn publish(&self) {
+        self.publish.send_replace(self.snapshot());
+    }
+}

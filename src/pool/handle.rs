@@ -1,0 +1,201 @@
+//! [`Pool`]: the handle a server or a harness holds. It implements `upstream::Connector`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef, RpcReplyPort};
+use serde_json::json;
+use tokio::sync::watch;
+
+use super::category;
+use super::directory::{Directory, DirectoryArgs};
+use super::messages::{Checkout, DirectoryMsg, ManagerMsg, SweepReport};
+use super::options::PoolOptions;
+use super::stats::{BudgetStats, DestStats, PoolStats};
+use crate::socks::TargetAddr;
+use crate::telemetry::Telemetry;
+use crate::upstream::{BoxFuture, ConnectError, Connector, Dialer, Origin, Upstream};
+
+/// Why the pool could not do what a harness asked.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error("could not start the pool: {0}")]
+    Spawn(String),
+    #[error("the pool did not answer: {0}")]
+    Unavailable(String),
+}
+
+/// A running pool. Cheap to clone; every clone talks to the same actors.
+#[derive(Clone)]
+pub struct Pool {
+    directory: ActorRef<DirectoryMsg>,
+    dialer: Arc<dyn Dialer>,
+    options: Arc<PoolOptions>,
+    telemetry: Telemetry,
+    fallback_dials: Arc<AtomicU64>,
+}
+
+/// Harness calls are not on a client's path; this only bounds a wedged pool.
+const HARNESS_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl Pool {
+    /// Starts the Directory (which starts the GlobalBudget, the Janitor, and PoolManagers on
+    /// demand). `dialer` opens every upstream connection: background spares and misses alike.
+    pub async fn spawn(
+        options: PoolOptions,
+        dialer: Arc<dyn Dialer>,
+        telemetry: Telemetry,
+    ) -> Result<Pool, PoolError> {
+        let options = Arc::new(options);
+        let args = DirectoryArgs {
+            options: Arc::clone(&options),
+            dialer: Arc::clone(&dialer),
+            telemetry: telemetry.clone(),
+        };
+        let (directory, _) = Actor::spawn(None, Directory, args)
+            .await
+            .map_err(|e| PoolError::Spawn(e.to_string()))?;
+        Ok(Pool {
+            directory,
+            dialer,
+            options,
+            telemetry,
+            fallback_dials: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.options
+    }
+
+    pub fn telemetry(&self) -> &Telemetry {
+        &self.telemetry
+    }
+
+    /// The root actor, for harnesses that send [`DirectoryMsg`]s themselves.
+    pub fn directory(&self) -> &ActorRef<DirectoryMsg> {
+        &self.directory
+    }
+
+    async fn ask<T: Send + 'static>(
+        &self,
+        request: impl FnOnce(RpcReplyPort<T>) -> DirectoryMsg,
+    ) -> Result<T, PoolError> {
+        match self.directory.call(request, Some(HARNESS_CALL_TIMEOUT)).await {
+            Ok(CallResult::Success(value)) => Ok(value),
+            Ok(CallResult::Timeout) => Err(PoolError::Unavailable("timed out".into())),
+            Ok(CallResult::SenderError) => Err(PoolError::Unavailable("no reply".into())),
+            Err(e) => Err(PoolError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The whole pool's counters, with a per-destination breakdown.
+    pub async fn stats(&self) -> Result<PoolStats, PoolError> {
+        let mut stats = self.ask(DirectoryMsg::Stats).await?;
+        stats.fallback_dials = self.fallback_dials.load(Ordering::Relaxed);
+        Ok(stats)
+    }
+
+    /// Runs one Janitor pass now (expiry and pruning) and reports what it did.
+    pub async fn run_janitor(&self) -> Result<SweepReport, PoolError> {
+        self.ask(DirectoryMsg::RunJanitor).await
+    }
+
+    /// The PoolManager of a destination, if it has one (to send it messages or faults).
+    pub async fn manager_of(
+        &self,
+        target: &TargetAddr,
+    ) -> Result<Option<ActorRef<ManagerMsg>>, PoolError> {
+        let target = target.clone();
+        self.ask(|reply| DirectoryMsg::ManagerOf(target, reply)).await
+    }
+
+    /// A live view of a destination's counters, updated after every message its manager
+    /// handles; await changes with `wait_for`. Creates the destination's manager if needed.
+    /// The view survives manager restarts (not pruning).
+    pub async fn watch_destination(
+        &self,
+        target: &TargetAddr,
+    ) -> Result<watch::Receiver<DestStats>, PoolError> {
+        let target = target.clone();
+        self.ask(|reply| DirectoryMsg::WatchDestination(target, reply)).await
+    }
+
+    /// A live view of the GlobalBudget.
+    pub async fn watch_budget(&self) -> Result<watch::Receiver<BudgetStats>, PoolError> {
+        self.ask(DirectoryMsg::WatchBudget).await
+    }
+
+    /// Checkouts answered by a direct dial because the pool failed or was too slow.
+    pub fn fallback_dials(&self) -> u64 {
+        self.fallback_dials.load(Ordering::Relaxed)
+    }
+
+    /// Stops every actor and closes every spare. Leases still out end harmlessly.
+    pub async fn shutdown(&self) {
+        let _ = self
+            .directory
+            .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(10)))
+            .await;
+    }
+
+    /// The pool's answer to a checkout, or why there is none.
+    async fn checkout(&self, target: &TargetAddr) -> Result<Checkout, String> {
+        let target_owned = target.clone();
+        match self
+            .directory
+            .call(
+                |reply| DirectoryMsg::Acquire(target_owned, reply),
+                Some(self.options.checkout_timeout),
+            )
+            .await
+        {
+            Ok(CallResult::Success(checkout)) => Ok(checkout),
+            Ok(CallResult::Timeout) => {
+                Err(format!("no answer within {:?}", self.options.checkout_timeout))
+            }
+            Ok(CallResult::SenderError) => Err("the pool dropped the request".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn dial(&self, target: &TargetAddr) -> Result<tokio::net::TcpStream, ConnectError> {
+        self.dialer.dial(target.clone(), self.options.connect_timeout).await
+    }
+}
+
+impl Connector for Pool {
+    /// A pooled spare if there is one; else a dial of our own, leased so that an untouched
+    /// connection can still come back. If the pool fails or is slow in any way, a plain direct
+    /// dial: a client never fails because of the pool.
+    fn acquire<'a>(
+        &'a self,
+        target: &'a TargetAddr,
+    ) -> BoxFuture<'a, Result<Upstream, ConnectError>> {
+        Box::pin(async move {
+            match self.checkout(target).await {
+                Ok(Checkout::Hit { stream, lease }) => {
+                    Ok(Upstream::leased(stream, Origin::Pooled, Box::new(lease)))
+                }
+                Ok(Checkout::Miss { lease }) => {
+                    let dialed = self.dial(target).await;
+                    lease.report_dial(dialed.is_ok());
+                    // On error the lease is dropped here, which ends it.
+                    Ok(Upstream::leased(dialed?, Origin::Dialed, Box::new(lease)))
+                }
+                Err(why) => {
+                    self.fallback_dials.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%target, %why, "pool unavailable; dialing directly");
+                    self.telemetry.warning(
+                        category::POOL_FALLBACK,
+                        format!("pool unavailable for {target} ({why}); dialed directly"),
+                        vec![("destination", json!(target.to_string()))],
+                    );
+                    Ok(Upstream::dialed(self.dial(target).await?))
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,432 @@
+//! The PoolManager: one actor per destination, owner of that destination's spares.
+//!
+//! It hands out spares LIFO (the most recently pooled first, so surplus ones age out), keeps
+//! in-use and pending-create counts, enforces `max_idle_per_dest`, and dials replacements in the
+//! background: one when a spare is handed out (so the next spare is ready a session-length
+//! sooner) and one after a miss (so the second client can hit). Every connection enters the
+//! pool only with a GlobalBudget slot reserved first. Bytes never pass through here: streams
+//! are handed over whole.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use serde_json::json;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::category;
+use super::lease::PoolLease;
+use super::messages::{BudgetMsg, Checkout, Fault, ManagerMsg, ManagerSweep, SlotId, SpareId};
+use super::options::PoolOptions;
+use super::refill::{Backoff, RefillTarget};
+use super::spare::{probe, Probe, Spare};
+use super::stats::{DestCounters, DestStats};
+use crate::socks::TargetAddr;
+use crate::telemetry::Telemetry;
+use crate::upstream::{ConnectError, Dialer};
+
+pub struct PoolManager;
+
+pub struct ManagerArgs {
+    pub destination: TargetAddr,
+    pub options: Arc<PoolOptions>,
+    pub dialer: Arc<dyn Dialer>,
+    pub budget: ActorRef<BudgetMsg>,
+    pub telemetry: Telemetry,
+    pub stats: Arc<watch::Sender<DestStats>>,
+    /// Counters of a predecessor this one replaces after a failure.
+    pub counters: DestCounters,
+}
+
+/// Why a budget slot was asked for.
+enum SlotPurpose {
+    /// A background dial for a new spare.
+    Refill,
+    /// An untouched connection coming back (still counted in use until it is pooled).
+    Return(TcpStream),
+}
+
+pub struct ManagerState {
+    destination: TargetAddr,
+    label: String,
+    options: Arc<PoolOptions>,
+    dialer: Arc<dyn Dialer>,
+    budget: ActorRef<BudgetMsg>,
+    telemetry: Telemetry,
+    publish: Arc<watch::Sender<DestStats>>,
+    /// Spares, oldest first; handed out from the end (LIFO).
+    idle: Vec<Spare>,
+    in_use: u64,
+    pending_dials: u64,
+    awaiting: HashMap<u64, SlotPurpose>,
+    next_tag: u64,
+    next_spare: SpareId,
+    refill: RefillTarget,
+    backoff: Backoff,
+    last_activity: Instant,
+    counters: DestCounters,
+}
+
+impl Actor for PoolManager {
+    type Msg = ManagerMsg;
+    type State = ManagerState;
+    type Arguments = ManagerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: ManagerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let options = args.options;
+        let state = ManagerState {
+            label: args.destination.to_string(),
+            destination: args.destination,
+            refill: RefillTarget::new(options.refill, options.max_idle_per_dest),
+            backoff: Backoff::new(options.backoff_base, options.backoff_max),
+            options,
+            dialer: args.dialer,
+            budget: args.budget,
+            telemetry: args.telemetry,
+            publish: args.stats,
+            idle: Vec::new(),
+            in_use: 0,
+            pending_dials: 0,
+            awaiting: HashMap::new(),
+            next_tag: 1,
+            next_spare: 1,
+            last_activity: Instant::now(),
+            counters: args.counters,
+        };
+        state.publish();
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: ManagerMsg,
+        state: &mut ManagerState,
+    ) -> Result<(), ActorProcessingErr> {
+        let outcome = state.handle(&myself, message).await;
+        state.publish();
+        outcome
+    }
+}
+
+impl ManagerState {
+    async fn handle(
+        &mut self,
+        myself: &ActorRef<ManagerMsg>,
+        message: ManagerMsg,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            ManagerMsg::Acquire(reply) => {
+                let checkout = self.checkout(myself).await;
+                // If the caller gave up, the checkout is dropped here and its lease releases
+                // itself: counts stay exact (a spare is lost, not leaked).
+                let _ = reply.send(checkout);
+            }
+            ManagerMsg::Release { untouched } => self.release(myself, untouched),
+            ManagerMsg::MissDialed { ok } => {
+                if ok {
+                    self.counters.created += 1;
+                } else {
+                    self.counters.connect_failures += 1;
+                }
+            }
+            ManagerMsg::DialDone { slot, result, took } => {
+                self.dial_done(myself, slot, result, took)
+            }
+            ManagerMsg::SlotGranted { tag, slot } => self.slot_granted(myself, tag, slot),
+            ManagerMsg::SlotDenied { tag } => self.slot_denied(tag),
+            ManagerMsg::Evict { slot } => self.evict(slot).await,
+            ManagerMsg::PeerClosed { spare } => self.peer_closed(spare).await,
+            ManagerMsg::Sweep { now, idle_timeout, cold_after, reply } => {
+                let expired = self.expire(now, idle_timeout).await;
+                let cold = self.idle.is_empty()
+                    && self.in_use == 0
+                    && self.pending_dials == 0
+                    && self.awaiting.is_empty()
+                    && now.saturating_duration_since(self.last_activity) >= cold_after;
+                let _ = reply.send(ManagerSweep { expired, cold, stats: self.snapshot() });
+            }
+            ManagerMsg::Stats(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            ManagerMsg::InjectFault(fault) => match fault {
+                Fault::Fail(reason) => return Err(reason.into()),
+                Fault::Panic(reason) => panic!("injected fault: {reason}"),
+                Fault::Stall(duration) => tokio::time::sleep(duration).await,
+            },
+        }
+        Ok(())
+    }
+
+    /// Hands out the newest valid spare, or answers `Miss`. Either way the session is counted
+    /// in use and, if the refill target wants it, one background dial is started.
+    async fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
+        let now = Instant::now();
+        self.last_activity = now;
+        let mut found = None;
+        while let Some(spare) = self.idle.pop() {
+            let slot = spare.slot;
+            let too_old =
+                now.saturating_duration_since(spare.pooled_at) >= self.options.idle_timeout;
+            // Each discarded socket is closed (dropped) before its slot is given back.
+            match spare.reclaim().await {
+                Some(stream) if too_old => {
+                    drop(stream);
+                    self.counters.expired += 1;
+                }
+                Some(stream) if probe(&stream) == Probe::Closed => {
+                    drop(stream);
+                    self.counters.validation_drops += 1;
+                    tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
+                }
+                Some(stream) => {
+                    self.release_slot(slot);
+                    found = Some(stream);
+                    break;
+                }
+                None => self.counters.validation_drops += 1,
+            }
+            self.release_slot(slot);
+        }
+        self.in_use += 1;
+        let lease = PoolLease::new(myself.clone());
+        let checkout = match found {
+            Some(stream) => {
+                self.counters.hits += 1;
+                self.counters.reused += 1;
+                Checkout::Hit { stream, lease }
+            }
+            None => {
+                self.counters.misses += 1;
+                Checkout::Miss { lease }
+            }
+        };
+        self.maybe_refill(myself, now);
+        checkout
+    }
+
+    /// Spares held or on their way in; the per-destination limit bounds this.
+    fn committed(&self) -> usize {
+        self.idle.len() + self.pending_dials as usize + self.awaiting.len()
+    }
+
+    fn maybe_refill(&mut self, myself: &ActorRef<ManagerMsg>, now: Instant) {
+        if self.committed() < self.refill.target().min(self.options.max_idle_per_dest)
+            && self.backoff.allows(now)
+        {
+            self.ask_slot(myself, SlotPurpose::Refill);
+        }
+    }
+
+    fn ask_slot(&mut self, myself: &ActorRef<ManagerMsg>, purpose: SlotPurpose) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        let request = BudgetMsg::Reserve { owner: myself.clone(), tag };
+        if self.budget.cast(request).is_ok() {
+            self.awaiting.insert(tag, purpose);
+        } else {
+            // No budget (it is being restarted): nothing may enter the pool.
+            self.slot_refused(purpose, "the global budget is unavailable");
+        }
+    }
+
+    fn release(&mut self, myself: &ActorRef<ManagerMsg>, untouched: Option<TcpStream>) {
+        self.last_activity = Instant::now();
+        match untouched {
+            None => self.in_use = self.in_use.saturating_sub(1),
+            Some(stream) if self.committed() < self.options.max_idle_per_dest => {
+                // Stays counted in use until it is pooled or dropped.
+                self.ask_slot(myself, SlotPurpose::Return(stream));
+            }
+            Some(stream) => {
+                drop(stream);
+                self.in_use = self.in_use.saturating_sub(1);
+                self.counters.dropped_full += 1;
+                self.telemetry.warning(
+                    category::POOL_LIMIT,
+                    "per-destination limit full: closed an untouched connection",
+                    vec![
+                        ("destination", json!(self.label)),
+                        ("max_idle_per_dest", json!(self.options.max_idle_per_dest)),
+                    ],
+                );
+            }
+        }
+    }
+
+    fn slot_granted(&mut self, myself: &ActorRef<ManagerMsg>, tag: u64, slot: SlotId) {
+        match self.awaiting.remove(&tag) {
+            Some(SlotPurpose::Refill) => self.start_dial(myself, slot),
+            Some(SlotPurpose::Return(stream)) => {
+                self.in_use = self.in_use.saturating_sub(1);
+                self.counters.returned_untouched += 1;
+                self.pool(myself, stream, slot);
+            }
+            None => self.release_slot(slot),
+        }
+    }
+
+    fn slot_denied(&mut self, tag: u64) {
+        if let Some(purpose) = self.awaiting.remove(&tag) {
+            self.slot_refused(purpose, "global limit full and nothing to evict");
+        }
+    }
+
+    fn slot_refused(&mut self, purpose: SlotPurpose, why: &str) {
+        match purpose {
+            SlotPurpose::Refill => self.counters.refill_denied += 1,
+            SlotPurpose::Return(stream) => {
+                drop(stream);
+                self.in_use = self.in_use.saturating_sub(1);
+                self.counters.dropped_full += 1;
+                self.telemetry.warning(
+                    category::POOL_LIMIT,
+                    format!("closed an untouched connection: {why}"),
+                    vec![
+                        ("destination", json!(self.label)),
+                        ("max_total_idle", json!(self.options.max_total_idle)),
+                    ],
+                );
+            }
+        }
+    }
+
+    fn start_dial(&mut self, myself: &ActorRef<ManagerMsg>, slot: SlotId) {
+        self.pending_dials += 1;
+        let dialer = Arc::clone(&self.dialer);
+        let target = self.destination.clone();
+        let timeout = self.options.connect_timeout;
+        let manager = myself.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            // The outer timeout holds even for an injected dialer that ignores its own, so a
+            // pending create always ends.
+            let result =
+                match tokio::time::timeout(timeout, dialer.dial(target.clone(), timeout)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(ConnectError::Io {
+                        addr: std::net::SocketAddr::from(([0, 0, 0, 0], target.port())),
+                        source: std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("dial to {target} did not finish within {timeout:?}"),
+                        ),
+                    }),
+                };
+            // If the manager died meanwhile, the message (and the stream in it) is dropped.
+            let _ = manager.cast(ManagerMsg::DialDone { slot, result, took: started.elapsed() });
+        });
+    }
+
+    fn dial_done(
+        &mut self,
+        myself: &ActorRef<ManagerMsg>,
+        slot: SlotId,
+        result: Result<TcpStream, ConnectError>,
+        took: Duration,
+    ) {
+        self.pending_dials = self.pending_dials.saturating_sub(1);
+        match result {
+            Ok(stream) => {
+                self.counters.created += 1;
+                self.backoff.succeeded();
+                self.refill.observe_dial(took);
+                self.pool(myself, stream, slot);
+            }
+            Err(error) => {
+                self.release_slot(slot);
+                self.counters.connect_failures += 1;
+                let delay = self.backoff.failed(Instant::now());
+                tracing::warn!(destination = %self.label, %error, ?delay, "background dial failed");
+                self.telemetry.error(
+                    category::POOL_DIAL,
+                    format!("background dial to {} failed: {error}", self.label),
+                    vec![
+                        ("destination", json!(self.label)),
+                        ("error", json!(error.to_string())),
+                        ("backoff_ms", json!(delay.as_millis() as u64)),
+                        ("consecutive_failures", json!(self.backoff.consecutive_failures())),
+                    ],
+                );
+            }
+        }
+    }
+
+    /// Puts a never-used connection on top of the idle stack. The caller holds its slot.
+    fn pool(&mut self, myself: &ActorRef<ManagerMsg>, stream: TcpStream, slot: SlotId) {
+        let id = self.next_spare;
+        self.next_spare += 1;
+        self.idle.push(Spare::watch(stream, id, slot, myself.clone()));
+        let _ = self.budget.cast(BudgetMsg::Pooled { slot });
+    }
+
+    fn release_slot(&self, slot: SlotId) {
+        let _ = self.budget.cast(BudgetMsg::Release { slot });
+    }
+
+    async fn evict(&mut self, slot: SlotId) {
+        // Not found: it was handed out or closed already, and its slot released then.
+        if let Some(index) = self.idle.iter().position(|s| s.slot == slot) {
+            let spare = self.idle.remove(index);
+            drop(spare.reclaim().await);
+            self.counters.evicted += 1;
+            self.release_slot(slot);
+            self.telemetry.warning(
+                category::POOL_LIMIT,
+                "global idle limit full: evicted the least recently pooled spare",
+                vec![
+                    ("destination", json!(self.label)),
+                    ("max_total_idle", json!(self.options.max_total_idle)),
+                ],
+            );
+        }
+    }
+
+    async fn peer_closed(&mut self, spare: SpareId) {
+        if let Some(index) = self.idle.iter().position(|s| s.id == spare) {
+            let spare = self.idle.remove(index);
+            let slot = spare.slot;
+            drop(spare.reclaim().await);
+            self.counters.peer_closed += 1;
+            self.release_slot(slot);
+            tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
+        }
+    }
+
+    async fn expire(&mut self, now: Instant, idle_timeout: Duration) -> u64 {
+        let (old, fresh): (Vec<Spare>, Vec<Spare>) = std::mem::take(&mut self.idle)
+            .into_iter()
+            .partition(|s| now.saturating_duration_since(s.pooled_at) >= idle_timeout);
+        self.idle = fresh;
+        let expired = old.len() as u64;
+        for spare in old {
+            let slot = spare.slot;
+            drop(spare.reclaim().await);
+            self.release_slot(slot);
+        }
+        self.counters.expired += expired;
+        expired
+    }
+
+    fn snapshot(&self) -> DestStats {
+        DestStats {
+            destination: self.label.clone(),
+            idle: self.idle.len(),
+            in_use: self.in_use,
+            pending_creates: self.pending_dials,
+            awaiting_slots: self.awaiting.len() as u64,
+            backing_off: self.backoff.is_active(Instant::now()),
+            counters: self.counters,
+        }
+    }
+
+    fn publish(&self) {
+        self.publish.send_replace(self.snapshot());
+    }
+}

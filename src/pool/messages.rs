@@ -1,0 +1,138 @@
+//! The messages the pool's actors understand. Request variants end in an `RpcReplyPort`.
+
+use std::time::Duration;
+
+use ractor::{ActorId, ActorRef, RpcReplyPort};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use super::lease::PoolLease;
+use super::stats::{DestStats, PoolStats};
+use crate::socks::TargetAddr;
+use crate::upstream::ConnectError;
+
+/// Identifies one budget slot: the right for one connection to sit idle in the pool.
+pub type SlotId = u64;
+/// Identifies one idle spare inside its PoolManager.
+pub type SpareId = u64;
+
+/// The answer to a checkout.
+pub enum Checkout {
+    /// A spare: open, validated, never used. Any greeting the server sent is still unread in it.
+    Hit { stream: TcpStream, lease: PoolLease },
+    /// Nothing usable is pooled: the caller dials itself (outside the actor) and keeps the lease.
+    Miss { lease: PoolLease },
+}
+
+impl std::fmt::Debug for Checkout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Checkout::Hit { .. } => f.write_str("Checkout::Hit"),
+            Checkout::Miss { .. } => f.write_str("Checkout::Miss"),
+        }
+    }
+}
+
+/// Faults a harness can inject into a PoolManager.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The handler returns an error, as a bug would: the actor fails and is restarted.
+    Fail(String),
+    /// The handler panics: the actor fails and is restarted.
+    Panic(String),
+    /// The handler blocks its mailbox for this long, as a wedged actor would.
+    Stall(Duration),
+}
+
+/// What a PoolManager reports to a sweep.
+#[derive(Debug, Clone)]
+pub struct ManagerSweep {
+    pub expired: u64,
+    /// Nothing idle, in use or pending, and no traffic for `cold_after`.
+    pub cold: bool,
+    pub stats: DestStats,
+}
+
+/// What one Janitor pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SweepReport {
+    /// Spares closed because they were older than `idle_timeout`.
+    pub expired: u64,
+    /// Cold destinations whose PoolManager was stopped.
+    pub pruned: u64,
+    /// Destinations with a PoolManager after the pass.
+    pub destinations: usize,
+    /// PoolManagers that did not answer in time (left alone until the next pass).
+    pub unresponsive: u64,
+}
+
+/// Messages to one destination's PoolManager.
+pub enum ManagerMsg {
+    /// A client session wants a stream.
+    Acquire(RpcReplyPort<Checkout>),
+    /// A lease ended. `untouched` is the stream back if not a byte moved either way.
+    Release { untouched: Option<TcpStream> },
+    /// The caller of a `Miss` finished its own dial.
+    MissDialed { ok: bool },
+    /// A background dial finished.
+    DialDone { slot: SlotId, result: Result<TcpStream, ConnectError>, took: Duration },
+    /// The GlobalBudget granted a reservation requested with `tag`.
+    SlotGranted { tag: u64, slot: SlotId },
+    /// The GlobalBudget refused the reservation requested with `tag`.
+    SlotDenied { tag: u64 },
+    /// The GlobalBudget wants this slot's spare closed to make room elsewhere.
+    Evict { slot: SlotId },
+    /// An idle spare's peer closed or reset it.
+    PeerClosed { spare: SpareId },
+    /// Expire spares older than `idle_timeout` and report whether the destination is cold.
+    Sweep {
+        now: Instant,
+        idle_timeout: Duration,
+        cold_after: Duration,
+        reply: RpcReplyPort<ManagerSweep>,
+    },
+    /// A snapshot of this destination's counters.
+    Stats(RpcReplyPort<DestStats>),
+    /// Fault injection for harnesses.
+    InjectFault(Fault),
+}
+
+/// Messages to the GlobalBudget.
+pub enum BudgetMsg {
+    /// Asks for a slot; answered later by `ManagerMsg::SlotGranted`/`SlotDenied` with `tag`.
+    /// Asynchronous on purpose: the budget may first have to evict a spare from another
+    /// manager, and a manager must never block waiting on the budget.
+    Reserve { owner: ActorRef<ManagerMsg>, tag: u64 },
+    /// The slot's connection now sits idle in its pool (so it may be evicted).
+    Pooled { slot: SlotId },
+    /// The slot is free again (its spare was handed out, closed, or its dial failed).
+    Release { slot: SlotId },
+    /// An owner died: free everything it held or waited for.
+    ReleaseOwner(ActorId),
+    /// A snapshot of the budget.
+    Stats(RpcReplyPort<super::stats::BudgetStats>),
+}
+
+/// Messages to the Directory (the supervisor and router).
+pub enum DirectoryMsg {
+    /// Forwarded to the destination's PoolManager, created on first demand.
+    Acquire(TargetAddr, RpcReplyPort<Checkout>),
+    /// The whole pool's counters.
+    Stats(RpcReplyPort<PoolStats>),
+    /// One Janitor pass: expire old spares, prune cold destinations.
+    Sweep(RpcReplyPort<SweepReport>),
+    /// Asks the Janitor to run a pass now and reply with what it did.
+    RunJanitor(RpcReplyPort<SweepReport>),
+    /// The PoolManager of a destination, if there is one.
+    ManagerOf(TargetAddr, RpcReplyPort<Option<ActorRef<ManagerMsg>>>),
+    /// A live view of one destination's counters (creates its PoolManager if needed).
+    WatchDestination(TargetAddr, RpcReplyPort<tokio::sync::watch::Receiver<DestStats>>),
+    /// A live view of the GlobalBudget.
+    WatchBudget(RpcReplyPort<tokio::sync::watch::Receiver<super::stats::BudgetStats>>),
+}
+
+/// Messages to the Janitor.
+pub enum JanitorMsg {
+    /// Run one pass; the reply (if any) gets the report.
+    Tick(Option<RpcReplyPort<SweepReport>>),
+}

@@ -1,0 +1,58 @@
+//! Everything a pool is built from: the `[server.pool]` config plus the knobs a harness may turn.
+
+use std::time::Duration;
+
+use super::refill::RefillMode;
+use crate::config::PoolConfig;
+
+/// Pool settings. [`PoolOptions::from_config`] gives the daemon's; harnesses adjust fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub max_idle_per_dest: usize,
+    pub max_total_idle: usize,
+    /// A spare older than this is closed (by the Janitor, or skipped at checkout).
+    pub idle_timeout: Duration,
+    /// Limit on each dial, background or for a miss.
+    pub connect_timeout: Duration,
+    /// How long a handler waits for the pool's answer before dialing directly.
+    pub checkout_timeout: Duration,
+    /// Janitor period; `None` runs it only when asked (`Pool::run_janitor`).
+    pub janitor_period: Option<Duration>,
+    /// A destination with nothing idle, nothing in use and no traffic for this long loses its
+    /// PoolManager at the next Janitor pass.
+    pub cold_after: Duration,
+    /// How long the Directory waits for one PoolManager during a sweep.
+    pub sweep_call_timeout: Duration,
+    /// First and longest pause of background dials after consecutive failures.
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub refill: RefillMode,
+}
+
+impl PoolOptions {
+    pub fn from_config(config: &PoolConfig) -> Self {
+        let idle_timeout = config.idle_timeout();
+        PoolOptions {
+            max_idle_per_dest: config.max_idle_per_dest,
+            max_total_idle: config.max_total_idle,
+            idle_timeout,
+            connect_timeout: config.connect_timeout(),
+            checkout_timeout: Duration::from_millis(500),
+            // Expiry is at most a tenth of the timeout late (and checkout skips old spares).
+            janitor_period: Some(
+                (idle_timeout / 10).clamp(Duration::from_secs(1), Duration::from_secs(10)),
+            ),
+            cold_after: idle_timeout.max(Duration::from_secs(1)),
+            sweep_call_timeout: Duration::from_secs(1),
+            backoff_base: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            refill: RefillMode::Replace,
+        }
+    }
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self::from_config(&PoolConfig::default())
+    }
+}

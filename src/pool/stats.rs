@@ -1,0 +1,172 @@
+//! Counters of the pool, exact and cheap: each actor owns its own and publishes a snapshot
+//! after every message it handles, so reading them never waits on a busy actor.
+
+use serde::Serialize;
+
+/// Counters that only grow. Kept separately so a restarted PoolManager continues from its
+/// predecessor's numbers and a pruned destination's history stays in the totals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DestCounters {
+    /// Connections opened: background spares plus dials for misses.
+    pub created: u64,
+    /// Spares handed to a client (each one a pool hit).
+    pub reused: u64,
+    pub hits: u64,
+    pub misses: u64,
+    /// Untouched connections not pooled because a per-destination or the global cap was full.
+    pub dropped_full: u64,
+    /// Spares closed for being older than `idle_timeout`.
+    pub expired: u64,
+    /// Spares closed by the GlobalBudget to make room elsewhere.
+    pub evicted: u64,
+    /// Failed dials (background and for misses).
+    pub connect_failures: u64,
+    /// Spares found closed or broken at checkout and discarded.
+    pub validation_drops: u64,
+    /// Idle spares whose peer closed them (noticed while idle).
+    pub peer_closed: u64,
+    /// Connections handed back without a byte moved, and pooled again.
+    pub returned_untouched: u64,
+    /// Background dials not started because the GlobalBudget had no room.
+    pub refill_denied: u64,
+}
+
+impl DestCounters {
+    pub fn add(&mut self, other: &DestCounters) {
+        self.created += other.created;
+        self.reused += other.reused;
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.dropped_full += other.dropped_full;
+        self.expired += other.expired;
+        self.evicted += other.evicted;
+        self.connect_failures += other.connect_failures;
+        self.validation_drops += other.validation_drops;
+        self.peer_closed += other.peer_closed;
+        self.returned_untouched += other.returned_untouched;
+        self.refill_denied += other.refill_denied;
+    }
+}
+
+/// One destination's state and history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct DestStats {
+    /// The destination as clients named it.
+    pub destination: String,
+    /// Spares held now.
+    pub idle: usize,
+    /// Leases outstanding: sessions using a connection from this manager (hit or miss), and
+    /// untouched returns waiting for a budget slot.
+    pub in_use: u64,
+    /// Background dials in flight.
+    pub pending_creates: u64,
+    /// Budget reservations asked for and not answered yet.
+    pub awaiting_slots: u64,
+    /// Background dials are paused after failures.
+    pub backing_off: bool,
+    #[serde(flatten)]
+    pub counters: DestCounters,
+}
+
+impl DestStats {
+    /// Nothing held, used or in flight.
+    pub fn is_quiet(&self) -> bool {
+        self.in_use == 0 && self.pending_creates == 0 && self.awaiting_slots == 0
+    }
+}
+
+/// The GlobalBudget's slots. `reserved + pooled + evicting` never exceeds `max_total_idle`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BudgetStats {
+    pub max_total_idle: usize,
+    /// Slots granted for a connection on its way into a pool (dialing or being returned).
+    pub reserved: usize,
+    /// Slots whose connection sits idle in a pool.
+    pub pooled: usize,
+    /// Pooled slots asked to be evicted and not released yet.
+    pub evicting: usize,
+    /// Reservations queued behind an eviction.
+    pub waiting: usize,
+    /// The most slots ever in use at once (never above `max_total_idle`).
+    pub high_water: usize,
+    pub granted: u64,
+    pub denied: u64,
+    pub evictions: u64,
+}
+
+impl BudgetStats {
+    pub fn in_use(&self) -> usize {
+        self.reserved + self.pooled + self.evicting
+    }
+}
+
+/// The whole pool. The first eleven fields are the seed's; the rest explain them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct PoolStats {
+    pub total_idle: usize,
+    pub destinations: usize,
+    pub total_created: u64,
+    pub total_reused: u64,
+    pub pool_hits: u64,
+    pub pool_misses: u64,
+    pub dropped_full: u64,
+    pub expired: u64,
+    pub evicted: u64,
+    pub connections_in_use: u64,
+    pub pending_creates: u64,
+    pub connect_failures: u64,
+    pub validation_drops: u64,
+    pub peer_closed: u64,
+    pub returned_untouched: u64,
+    pub refill_denied: u64,
+    /// PoolManagers restarted after a failure.
+    pub manager_restarts: u64,
+    /// Cold destinations whose PoolManager was stopped.
+    pub destinations_pruned: u64,
+    /// Checkouts the pool did not answer in time (or at all): the handler dialed directly.
+    pub fallback_dials: u64,
+    pub budget: BudgetStats,
+    /// Sorted by destination.
+    pub per_destination: Vec<DestStats>,
+}
+
+impl PoolStats {
+    /// Totals from live destinations plus the history of pruned ones.
+    pub fn assemble(
+        mut per_destination: Vec<DestStats>,
+        retired: &DestCounters,
+        budget: BudgetStats,
+        manager_restarts: u64,
+        destinations_pruned: u64,
+    ) -> Self {
+        per_destination.sort_by(|a, b| a.destination.cmp(&b.destination));
+        let mut counters = *retired;
+        let mut stats = PoolStats {
+            destinations: per_destination.len(),
+            manager_restarts,
+            destinations_pruned,
+            budget,
+            ..Default::default()
+        };
+        for dest in &per_destination {
+            counters.add(&dest.counters);
+            stats.total_idle += dest.idle;
+            stats.connections_in_use += dest.in_use;
+            stats.pending_creates += dest.pending_creates;
+        }
+        stats.total_created = counters.created;
+        stats.total_reused = counters.reused;
+        stats.pool_hits = counters.hits;
+        stats.pool_misses = counters.misses;
+        stats.dropped_full = counters.dropped_full;
+        stats.expired = counters.expired;
+        stats.evicted = counters.evicted;
+        stats.connect_failures = counters.connect_failures;
+        stats.validation_drops = counters.validation_drops;
+        stats.peer_closed = counters.peer_closed;
+        stats.returned_untouched = counters.returned_untouched;
+        stats.refill_denied = counters.refill_denied;
+        stats.per_destination = per_destination;
+        stats
+    }
+}
