@@ -1,0 +1,106 @@
+//! Opening a stream to a destination, directly or through a SOCKS5 proxy, with the poolsocks
+//! codec (so the harness speaks exactly what the daemon parses).
+
+use std::net::SocketAddr;
+
+use poolsocks::secret::Secret;
+use poolsocks::socks::{
+    Command, Greeting, MethodSelection, Reply, ReplyCode, Request, TargetAddr, UserPassReply,
+    UserPassRequest, METHOD_NO_AUTH, METHOD_USERPASS,
+};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// How to reach destinations.
+#[derive(Debug, Clone)]
+pub enum Route {
+    Direct,
+    Socks { proxy: SocketAddr, auth: Option<(String, String)> },
+}
+
+/// Where a session failed; the names are the rows of the error tables.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("connect to {0}: {1}")]
+    Connect(&'static str, std::io::Error),
+    #[error("SOCKS greeting: {0}")]
+    Greeting(String),
+    #[error("proxy refused our authentication methods")]
+    NoMethod,
+    #[error("SOCKS authentication: {0}")]
+    Auth(String),
+    #[error("SOCKS request: {0}")]
+    Request(String),
+    #[error("proxy replied {0:?}")]
+    Refused(ReplyCode),
+}
+
+impl OpenError {
+    pub fn kind(&self) -> String {
+        match self {
+            OpenError::Connect(what, e) => format!("connect_{what}_{:?}", e.kind()),
+            OpenError::Greeting(_) => "socks_greeting".into(),
+            OpenError::NoMethod => "socks_no_method".into(),
+            OpenError::Auth(_) => "socks_auth".into(),
+            OpenError::Request(_) => "socks_reply_io".into(),
+            OpenError::Refused(code) => format!("socks_reply_{code:?}"),
+        }
+    }
+}
+
+/// Opens a stream to `target` with TCP_NODELAY set (request/response traffic must not wait on
+/// Nagle and delayed ACKs).
+pub async fn open(route: &Route, target: SocketAddr) -> Result<TcpStream, OpenError> {
+    match route {
+        Route::Direct => {
+            let stream =
+                TcpStream::connect(target).await.map_err(|e| OpenError::Connect("target", e))?;
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Route::Socks { proxy, auth } => {
+            let mut stream =
+                TcpStream::connect(proxy).await.map_err(|e| OpenError::Connect("proxy", e))?;
+            let _ = stream.set_nodelay(true);
+            handshake(&mut stream, target, auth.as_ref()).await?;
+            Ok(stream)
+        }
+    }
+}
+
+async fn handshake(
+    stream: &mut TcpStream,
+    target: SocketAddr,
+    auth: Option<&(String, String)>,
+) -> Result<(), OpenError> {
+    let method = if auth.is_some() { METHOD_USERPASS } else { METHOD_NO_AUTH };
+    // Each message waits for the previous answer, as ordinary clients do: some proxies
+    // (microsocks) parse one message per read and would drop a pipelined request.
+    let mut out = Vec::with_capacity(64);
+    Greeting { methods: vec![method] }.write_to(&mut out);
+    stream.write_all(&out).await.map_err(|e| OpenError::Greeting(e.to_string()))?;
+    let selection =
+        MethodSelection::read_from(stream).await.map_err(|e| OpenError::Greeting(e.to_string()))?;
+    if selection.method != method {
+        return Err(OpenError::NoMethod);
+    }
+    if let Some((user, pass)) = auth {
+        out.clear();
+        UserPassRequest { username: user.clone(), password: Secret::new(pass.clone()) }
+            .write_to(&mut out);
+        stream.write_all(&out).await.map_err(|e| OpenError::Auth(e.to_string()))?;
+        let reply =
+            UserPassReply::read_from(stream).await.map_err(|e| OpenError::Auth(e.to_string()))?;
+        if !reply.success {
+            return Err(OpenError::Auth("credentials rejected".into()));
+        }
+    }
+    out.clear();
+    Request { command: Command::Connect, target: TargetAddr::Ip(target) }.write_to(&mut out);
+    stream.write_all(&out).await.map_err(|e| OpenError::Request(e.to_string()))?;
+    let reply = Reply::read_from(stream).await.map_err(|e| OpenError::Request(e.to_string()))?;
+    if reply.code != ReplyCode::Succeeded {
+        return Err(OpenError::Refused(reply.code));
+    }
+    Ok(())
+}
