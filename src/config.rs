@@ -7,6 +7,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::secret::Secret;
@@ -22,6 +23,9 @@ pub const DEFAULT_MAX_IDLE_PER_DEST: usize = 4;
 pub const DEFAULT_MAX_TOTAL_IDLE: usize = 100;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 90;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+pub const DEFAULT_LOGIN_FAILURE_LIMIT: u32 = 5;
+pub const DEFAULT_LOGIN_FAILURE_WINDOW_SECS: u64 = 60;
 
 pub const DEFAULT_STATS_API_ENABLED: bool = false;
 pub const DEFAULT_STATS_API_BIND_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -79,6 +83,7 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
 pub struct Config {
     pub server: ServerConfig,
     pub auth: AuthConfig,
+    pub access: AccessConfig,
     pub sessions: SessionsConfig,
     pub telemetry: TelemetryConfig,
     pub logging: LoggingConfig,
@@ -95,6 +100,8 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// How long relays may drain after SIGINT/SIGTERM before they are cut.
     pub shutdown_grace_secs: u64,
+    /// Listening beyond loopback without authentication makes an open proxy; it must be asked for.
+    pub allow_open_proxy: bool,
     pub pool: PoolConfig,
 }
 
@@ -106,6 +113,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            allow_open_proxy: false,
             pool: PoolConfig::default(),
         }
     }
@@ -170,12 +178,26 @@ pub enum SocksMethod {
     Userpass,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// When absent: `userpass` if `users` lists anyone, else `none`.
     pub socks_method: Option<SocksMethod>,
     pub users: Vec<UserConfig>,
+    /// Failed logins a source address may have within the window before it is refused outright.
+    pub login_failure_limit: u32,
+    pub login_failure_window_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            socks_method: None,
+            users: Vec::new(),
+            login_failure_limit: DEFAULT_LOGIN_FAILURE_LIMIT,
+            login_failure_window_secs: DEFAULT_LOGIN_FAILURE_WINDOW_SECS,
+        }
+    }
 }
 
 impl AuthConfig {
@@ -192,7 +214,93 @@ impl AuthConfig {
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub username: String,
+    /// Plain text, or an argon2 PHC string (`$argon2id$v=19$...`).
     pub password: Secret,
+}
+
+impl UserConfig {
+    pub fn password_is_hashed(&self) -> bool {
+        self.password.expose().starts_with("$argon2")
+    }
+}
+
+/// `[access]`: who may use the proxy, and where to.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// Client source networks allowed to connect; empty allows any.
+    pub client_networks: Vec<IpNet>,
+    /// What happens to a destination no rule matches.
+    pub default_action: RuleAction,
+    /// Destination rules, first match wins.
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+/// A destination rule. It matches when every criterion it sets matches (an unset criterion
+/// matches anything); within a criterion any entry may match.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub action: RuleAction,
+    /// CIDRs, checked against every resolved address (so a name cannot smuggle a denied address).
+    #[serde(default)]
+    pub networks: Vec<IpNet>,
+    /// Domain suffixes: `example.com` matches it and every subdomain.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Ports or ranges: `443` or `"8000-8999"`.
+    #[serde(default)]
+    pub ports: Vec<PortRange>,
+}
+
+/// An inclusive port range, written `80` or `"8000-8999"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub first: u16,
+    pub last: u16,
+}
+
+impl PortRange {
+    pub fn contains(&self, port: u16) -> bool {
+        (self.first..=self.last).contains(&port)
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Port(u16),
+            Range(String),
+        }
+        let parse = |text: &str| text.trim().parse::<u16>().map_err(|_| format!("bad port {text:?}"));
+        let range = match Raw::deserialize(deserializer)? {
+            Raw::Port(port) => Ok(PortRange { first: port, last: port }),
+            Raw::Range(text) => match text.split_once('-') {
+                Some((first, last)) => parse(first).and_then(|first| Ok(PortRange { first, last: parse(last)? })),
+                None => parse(&text).map(|port| PortRange { first: port, last: port }),
+            },
+        };
+        match range {
+            Ok(range) if range.first <= range.last => Ok(range),
+            Ok(range) => Err(serde::de::Error::custom(format!(
+                "port range {}-{} is backwards",
+                range.first, range.last
+            ))),
+            Err(message) => Err(serde::de::Error::custom(format!(
+                "{message}: expected a port (443) or a range (\"8000-8999\")"
+            ))),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -325,6 +433,21 @@ impl Config {
             ));
         }
         self.validate_auth()?;
+        self.validate_access()?;
+        if !server.bind_address.is_loopback()
+            && self.auth.method() == SocksMethod::None
+            && !server.allow_open_proxy
+        {
+            return Err(invalid(
+                "server.bind_address",
+                format!(
+                    "is {} (not loopback) with no authentication: anyone who can reach it could \
+                     relay through this proxy. Add [[auth.users]], listen on 127.0.0.1, or set \
+                     server.allow_open_proxy = true if an open proxy is really intended",
+                    server.bind_address
+                ),
+            ));
+        }
         if self.telemetry.enabled && self.telemetry.max_events == 0 {
             return Err(invalid(
                 "telemetry.max_events",
@@ -349,8 +472,31 @@ impl Config {
         Ok(())
     }
 
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        for rule in &self.access.rules {
+            if let Some(domain) = rule.domains.iter().find(|d| d.trim_matches('.').is_empty()) {
+                return Err(invalid("access.rules.domains", format!("{domain:?} is not a domain suffix")));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_auth(&self) -> Result<(), ConfigError> {
         let auth = &self.auth;
+        if auth.login_failure_limit == 0 {
+            return Err(invalid("auth.login_failure_limit", "must be at least 1"));
+        }
+        if auth.login_failure_window_secs == 0 {
+            return Err(invalid("auth.login_failure_window_secs", "must be greater than 0"));
+        }
+        for user in auth.users.iter().filter(|user| user.password_is_hashed()) {
+            if let Err(e) = argon2::PasswordHash::new(user.password.expose()) {
+                return Err(invalid(
+                    "auth.users.password",
+                    format!("of user {:?} looks like an argon2 hash but does not parse: {e}", user.username),
+                ));
+            }
+        }
         match auth.method() {
             SocksMethod::None if !auth.users.is_empty() => Err(invalid(
                 "auth.socks_method",

@@ -1,9 +1,11 @@
 //! poolsocks: a SOCKS5 proxy daemon whose upstream connection pool is a set of actors.
 
+pub mod access;
 pub mod config;
 pub mod pool;
 pub mod secret;
 pub mod server;
 pub mod socks;
+pub mod stats;
 pub mod telemetry;
 pub mod upstream;

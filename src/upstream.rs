@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 
+use crate::access::AccessPolicy;
 use crate::socks::{ReplyCode, TargetAddr};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -53,10 +54,14 @@ impl ConnectError {
     }
 }
 
-/// Resolves `target` (if it is a name) and tries each address in turn, each under `timeout`.
-/// The last failure is reported. The stream has `TCP_NODELAY` set.
-pub async fn dial(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let addrs: Vec<SocketAddr> = match target {
+/// Resolves `target` (if it is a name) and tries each address `access` allows in turn, each
+/// under `timeout`. The last failure is reported. The stream has `TCP_NODELAY` set.
+pub async fn dial(
+    target: &TargetAddr,
+    timeout: Duration,
+    access: &AccessPolicy,
+) -> Result<TcpStream, ConnectError> {
+    let resolved: Vec<SocketAddr> = match target {
         TargetAddr::Ip(addr) => vec![*addr],
         TargetAddr::Domain(host, port) => {
             let resolved = tokio::net::lookup_host((host.as_str(), *port))
@@ -65,8 +70,13 @@ pub async fn dial(target: &TargetAddr, timeout: Duration) -> Result<TcpStream, C
             resolved.collect()
         }
     };
+    let allowed: Vec<SocketAddr> =
+        resolved.iter().copied().filter(|addr| access.may_connect(target, addr.ip())).collect();
+    if allowed.is_empty() && !resolved.is_empty() {
+        return Err(ConnectError::NotAllowed(target.clone()));
+    }
     let mut last_error = None;
-    for addr in addrs {
+    for addr in allowed {
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
                 // Request/response traffic must not wait on Nagle + delayed ACK.
@@ -89,7 +99,7 @@ pub trait Dialer: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>>;
 }
 
-/// The real dialer: DNS resolution and `connect(2)`.
+/// The real dialer: DNS resolution and `connect(2)`, with no access rules.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TcpDialer;
 
@@ -99,7 +109,30 @@ impl Dialer for TcpDialer {
         target: TargetAddr,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
-        Box::pin(async move { dial(&target, timeout).await })
+        Box::pin(async move { dial(&target, timeout, &AccessPolicy::ALLOW_ALL).await })
+    }
+}
+
+/// The real dialer, refusing any resolved address the access rules deny.
+#[derive(Debug, Clone)]
+pub struct PolicyDialer {
+    access: Arc<AccessPolicy>,
+}
+
+impl PolicyDialer {
+    pub fn new(access: Arc<AccessPolicy>) -> Self {
+        PolicyDialer { access }
+    }
+}
+
+impl Dialer for PolicyDialer {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
+        let access = self.access.clone();
+        Box::pin(async move { dial(&target, timeout, &access).await })
     }
 }
 

@@ -86,7 +86,7 @@ pub(super) async fn accept_loop(
                 let cut = cut.clone();
                 tracker.spawn(
                     async move {
-                        handler::serve(ctx, client, cut).await;
+                        handler::serve(ctx, client, peer, cut).await;
                         drop(permit);
                     }
                     .instrument(info_span!("client", %peer)),

@@ -1,46 +1,65 @@
-//! One client session: handshake, upstream acquisition, relay.
+//! One client session: access check, handshake, upstream acquisition, relay.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::auth::Authenticator;
+use super::auth::{Authenticator, LoginOutcome};
 use super::metrics::ServerMetrics;
 use super::relay::relay;
+use crate::access::AccessPolicy;
 use crate::socks::{
     Command, Greeting, MethodSelection, Reply, ReplyCode, Request, SocksError, TargetAddr,
     UserPassReply, UserPassRequest, METHOD_USERPASS,
 };
-use crate::upstream::Connector;
+use crate::telemetry::Telemetry;
+use crate::upstream::{ConnectError, Connector, Origin, Upstream};
 
 /// Largest handshake read in one go; also bounds the pipelined bytes we hold before relaying.
 const HANDSHAKE_BUFFER: usize = 1024;
 
+/// Telemetry categories written by the server.
+pub const CATEGORY_ACCESS: &str = "access";
+pub const CATEGORY_AUTH: &str = "auth";
+
 /// What every handler shares.
 pub struct HandlerContext {
     pub auth: Authenticator,
+    pub access: Arc<AccessPolicy>,
     pub connector: Arc<dyn Connector>,
-    pub handshake_timeout: std::time::Duration,
+    pub handshake_timeout: Duration,
     pub metrics: Arc<ServerMetrics>,
+    pub telemetry: Telemetry,
 }
 
 /// Serves one client to the end. Never panics on client input; every failure is logged once.
-pub async fn serve(ctx: Arc<HandlerContext>, mut client: TcpStream, cancel: CancellationToken) {
+pub async fn serve(ctx: Arc<HandlerContext>, mut client: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+    if !ctx.access.client_allowed(peer.ip()) {
+        info!("client address not allowed by access.client_networks");
+        ctx.telemetry.warning(
+            CATEGORY_ACCESS,
+            "client address not allowed",
+            vec![("client", json!(peer.ip().to_string()))],
+        );
+        return;
+    }
     let _ = client.set_nodelay(true);
-    let handshake = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut client));
+    let handshake = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut client, peer));
     let (target, pending) = tokio::select! {
         result = handshake => match result {
             Ok(Ok(negotiated)) => negotiated,
-            Ok(Err(e)) if e.is_disconnect() => {
-                debug!(error = %e, "client left during handshake");
-                ctx.metrics.handshake_failed();
-                return;
-            }
             Ok(Err(e)) => {
-                info!(error = %e, "handshake failed");
+                if e.is_disconnect() {
+                    debug!(error = %e, "client left during handshake");
+                } else {
+                    info!(error = %e, "handshake failed");
+                }
                 ctx.metrics.handshake_failed();
                 return;
             }
@@ -53,32 +72,7 @@ pub async fn serve(ctx: Arc<HandlerContext>, mut client: TcpStream, cancel: Canc
         _ = cancel.cancelled() => return,
     };
 
-    let acquired = tokio::select! {
-        acquired = ctx.connector.acquire(&target) => acquired,
-        _ = cancel.cancelled() => return,
-    };
-    let mut upstream = match acquired {
-        Ok(upstream) => upstream,
-        Err(e) => {
-            let code = e.reply_code();
-            info!(%target, error = %e, reply = ?code, "connect failed");
-            let _ = client.write_all(&Reply::failure(code).to_bytes()).await;
-            return;
-        }
-    };
-    let bound = upstream
-        .stream
-        .local_addr()
-        .map(TargetAddr::from)
-        .unwrap_or_else(|_| TargetAddr::unspecified());
-    if let Err(e) = client.write_all(&Reply { code: ReplyCode::Succeeded, bound }.to_bytes()).await
-    {
-        debug!(error = %e, "client left before the reply");
-        upstream.finish(true);
-        return;
-    }
-    debug!(%target, origin = ?upstream.origin, "connected");
-
+    let Some(mut upstream) = connect(&ctx, &mut client, &target, &cancel).await else { return };
     ctx.metrics.session_started();
     let result = relay(&mut client, &mut upstream.stream, &pending, &cancel).await;
     ctx.metrics.session_ended();
@@ -100,11 +94,68 @@ pub async fn serve(ctx: Arc<HandlerContext>, mut client: TcpStream, cancel: Canc
     }
 }
 
+/// Gets an upstream for `target` and sends the CONNECT reply (success or the failure code).
+async fn connect(
+    ctx: &HandlerContext,
+    client: &mut TcpStream,
+    target: &TargetAddr,
+    cancel: &CancellationToken,
+) -> Option<Upstream> {
+    let acquired = if ctx.access.may_reach(target) {
+        tokio::select! {
+            acquired = ctx.connector.acquire(target) => acquired,
+            _ = cancel.cancelled() => return None,
+        }
+    } else {
+        Err(ConnectError::NotAllowed(target.clone()))
+    };
+    // A pooled spare was checked when it was dialed; checking its peer again costs one syscall
+    // and keeps the guarantee whatever dialer filled the pool.
+    let acquired = acquired.and_then(|upstream| match upstream.origin {
+        Origin::Pooled if !peer_allowed(&ctx.access, target, &upstream) => {
+            upstream.finish(true);
+            Err(ConnectError::NotAllowed(target.clone()))
+        }
+        _ => Ok(upstream),
+    });
+    let upstream = match acquired {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            let code = e.reply_code();
+            if let ConnectError::NotAllowed(_) = e {
+                warn!(%target, "destination denied by access rules");
+                ctx.telemetry.warning(
+                    CATEGORY_ACCESS,
+                    "destination denied by access rules",
+                    vec![("destination", json!(target.to_string()))],
+                );
+            } else {
+                info!(%target, error = %e, reply = ?code, "connect failed");
+            }
+            let _ = client.write_all(&Reply::failure(code).to_bytes()).await;
+            return None;
+        }
+    };
+    let bound = upstream.stream.local_addr().map(TargetAddr::from).unwrap_or_else(|_| TargetAddr::unspecified());
+    if let Err(e) = client.write_all(&Reply { code: ReplyCode::Succeeded, bound }.to_bytes()).await {
+        debug!(error = %e, "client left before the reply");
+        upstream.finish(true);
+        return None;
+    }
+    debug!(%target, origin = ?upstream.origin, "connected");
+    Some(upstream)
+}
+
+fn peer_allowed(access: &AccessPolicy, target: &TargetAddr, upstream: &Upstream) -> bool {
+    upstream.stream.peer_addr().is_ok_and(|peer| access.may_connect(target, peer.ip()))
+}
+
 /// Greeting, authentication and request. Returns the CONNECT target and any bytes the client
 /// already sent behind the request, which must reach the upstream first.
 async fn handshake(
     ctx: &HandlerContext,
     client: &mut TcpStream,
+    peer: SocketAddr,
 ) -> Result<(TargetAddr, Vec<u8>), SocksError> {
     let mut reader = BufReader::with_capacity(HANDSHAKE_BUFFER, client);
     let greeting = match Greeting::read_from(&mut reader).await {
@@ -122,15 +173,28 @@ async fn handshake(
 
     if method == METHOD_USERPASS {
         let request = UserPassRequest::read_from(&mut reader).await;
-        let accepted = matches!(&request, Ok(request) if ctx.auth.verify(request));
+        let outcome = match &request {
+            Ok(request) => ctx.auth.login(peer.ip(), request).await,
+            Err(_) => LoginOutcome::Rejected,
+        };
+        let accepted = outcome == LoginOutcome::Accepted;
         reader.get_mut().write_all(&UserPassReply { success: accepted }.to_bytes()).await?;
-        match request {
-            Ok(request) if accepted => debug!(user = %request.username, "authenticated"),
-            Ok(request) => {
+        let request = request?;
+        match outcome {
+            LoginOutcome::Accepted => debug!(user = %request.username, "authenticated"),
+            LoginOutcome::Rejected => {
                 warn!(user = %request.username, "authentication failed");
                 return Err(SocksError::AuthFailed);
             }
-            Err(e) => return Err(e),
+            LoginOutcome::RateLimited => {
+                warn!(user = %request.username, "login refused: too many failures from this address");
+                ctx.telemetry.warning(
+                    CATEGORY_AUTH,
+                    "login refused: too many failures from this address",
+                    vec![("client", json!(peer.ip().to_string()))],
+                );
+                return Err(SocksError::AuthFailed);
+            }
         }
     }
 
@@ -144,10 +208,7 @@ async fn handshake(
         }
     };
     if request.command != Command::Connect {
-        reader
-            .get_mut()
-            .write_all(&Reply::failure(ReplyCode::CommandNotSupported).to_bytes())
-            .await?;
+        reader.get_mut().write_all(&Reply::failure(ReplyCode::CommandNotSupported).to_bytes()).await?;
         return Err(SocksError::CommandNotSupported(request.command.as_byte()));
     }
     Ok((request.target, reader.buffer().to_vec()))

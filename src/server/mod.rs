@@ -17,8 +17,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+use crate::access::AccessPolicy;
 use crate::config::Config;
-use crate::upstream::{Connector, DirectConnector};
+use crate::telemetry::Telemetry;
+use crate::upstream::{Connector, Dialer, DirectConnector, PolicyDialer};
 use auth::Authenticator;
 use handler::HandlerContext;
 use metrics::ServerMetrics;
@@ -32,16 +34,21 @@ pub enum ServerError {
 /// A configured server, ready to run on a listener.
 pub struct Server {
     config: Config,
+    access: Arc<AccessPolicy>,
     connector: Arc<dyn Connector>,
     metrics: Arc<ServerMetrics>,
+    telemetry: Telemetry,
 }
 
 impl Server {
     /// Builds the server's parts (the upstream connector) from a validated config.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
+        let access = Arc::new(AccessPolicy::from_config(&config.access));
+        let telemetry = Telemetry::new(&config.telemetry);
+        let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone()));
         let connector: Arc<dyn Connector> =
-            Arc::new(DirectConnector::new(config.server.pool.connect_timeout()));
-        Ok(Server { config, connector, metrics: Arc::new(ServerMetrics::default()) })
+            Arc::new(DirectConnector::with_dialer(dialer, config.server.pool.connect_timeout()));
+        Ok(Server { config, access, connector, metrics: Arc::new(ServerMetrics::default()), telemetry })
     }
 
     /// Replaces the upstream connector (harnesses inject their own).
@@ -54,6 +61,10 @@ impl Server {
         self.metrics.clone()
     }
 
+    pub fn telemetry(&self) -> Telemetry {
+        self.telemetry.clone()
+    }
+
     /// Serves `listener` until `shutdown` completes. Then it stops accepting at once, lets
     /// sessions in flight finish for up to `shutdown_grace_secs`, cuts the rest and returns.
     pub async fn run(
@@ -64,9 +75,11 @@ impl Server {
         let server = &self.config.server;
         let ctx = Arc::new(HandlerContext {
             auth: Authenticator::from_config(&self.config.auth),
+            access: self.access.clone(),
             connector: self.connector.clone(),
             handshake_timeout: server.handshake_timeout(),
             metrics: self.metrics.clone(),
+            telemetry: self.telemetry.clone(),
         });
         let limit = Arc::new(Semaphore::new(server.max_connections));
         let tracker = TaskTracker::new();
