@@ -1,0 +1,267 @@
+//! `GET /metrics`: Prometheus text exposition (format 0.0.4) through `prometheus-client`.
+//!
+//! The figures live in the actors and in `ServerMetrics`, not in prometheus-client's types, so
+//! each scrape fills a fresh registry from one consistent snapshot and encodes it. Per-destination
+//! series are capped to the busiest destinations: destination names come from SOCKS clients, and
+//! an unbounded label set would let any client grow every scrape without limit.
+
+use std::sync::atomic::AtomicU64;
+
+use hyper::{Response, StatusCode};
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use super::pool_stats::ratio;
+use super::pool_view::PoolView;
+use super::response::{self, Body};
+use super::router::Shared;
+use crate::pool::{DestStats, PoolStats};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabel {
+    destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+pub(super) async fn handle(shared: &Shared) -> Response<Body> {
+    let view = shared.pool.read().await;
+    let text = render(shared, &view);
+    match text {
+        Ok(text) => response::with_body(StatusCode::OK, prometheus_text::CONTENT_TYPE, text),
+        // Only a `fmt::Write` into a String, which does not fail; answered properly regardless.
+        Err(_) => response::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "could not encode metrics",
+            serde_json::json!({}),
+        ),
+    }
+}
+
+fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
+    let mut registry = Registry::with_prefix("poolsocks");
+    let ctx = &shared.ctx;
+
+    let server = ctx.server_metrics.snapshot();
+    gauge(
+        &mut registry,
+        "sessions_active",
+        "SOCKS sessions being served now",
+        server.sessions_active,
+    );
+    counter(
+        &mut registry,
+        "sessions",
+        "SOCKS sessions accepted since start",
+        server.sessions_total,
+    );
+    let relayed = Family::<DirectionLabel, Counter>::default();
+    for (direction, bytes) in [
+        ("client_to_upstream", server.bytes_client_to_upstream),
+        ("upstream_to_client", server.bytes_upstream_to_client),
+    ] {
+        relayed.get_or_create(&DirectionLabel { direction }).inc_by(bytes);
+    }
+    registry.register("relayed_bytes", "Bytes relayed between clients and upstreams", relayed);
+    counter(
+        &mut registry,
+        "handshake_failures",
+        "SOCKS handshakes that failed (bad greeting, auth, request or timeout)",
+        server.handshake_failures,
+    );
+    counter(
+        &mut registry,
+        "rejected_over_limit",
+        "Clients closed at once because max_connections were being served",
+        server.rejected_over_limit,
+    );
+    let (held, recorded) = ctx.telemetry.counts();
+    gauge(&mut registry, "telemetry_events_held", "Telemetry events held now", held as u64);
+    counter(&mut registry, "telemetry_events", "Telemetry events recorded since start", recorded);
+
+    let pool = registry.sub_registry_with_prefix("pool");
+    gauge(
+        pool,
+        "enabled",
+        "1 when the connection pool is enabled",
+        u64::from(shared.pool.enabled()),
+    );
+    let up = matches!(view, PoolView::Up(_));
+    gauge(pool, "up", "1 when the pool's actors answered this scrape in time", u64::from(up));
+    let config = &ctx.config.server.pool;
+    gauge(
+        pool,
+        "max_idle_per_dest",
+        "Configured spares per destination",
+        config.max_idle_per_dest as u64,
+    );
+    gauge(
+        pool,
+        "max_total_idle",
+        "Configured spares across all destinations",
+        config.max_total_idle as u64,
+    );
+    if let PoolView::Up(stats) = view {
+        pool_totals(pool, stats);
+        per_destination(pool, &stats.per_destination, ctx.options.metrics_destination_cap);
+    }
+
+    let mut text = String::new();
+    prometheus_text::encode(&mut text, &registry)?;
+    Ok(text)
+}
+
+fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
+    gauge(registry, "idle_connections", "Spares held now", stats.total_idle as u64);
+    gauge(registry, "destinations", "Destinations with a PoolManager", stats.destinations as u64);
+    gauge(
+        registry,
+        "connections_in_use",
+        "Pooled or leased connections in use by sessions",
+        stats.connections_in_use,
+    );
+    gauge(registry, "pending_creates", "Background dials in flight", stats.pending_creates);
+    let hit_ratio = Gauge::<f64, AtomicU64>::default();
+    hit_ratio.set(ratio(stats.pool_hits, stats.pool_hits + stats.pool_misses));
+    registry.register(
+        "hit_ratio",
+        "Checkouts answered by a spare, of all checkouts since start",
+        hit_ratio,
+    );
+    let budget = &stats.budget;
+    gauge(
+        registry,
+        "budget_slots_in_use",
+        "GlobalBudget slots reserved, pooled or evicting",
+        budget.in_use() as u64,
+    );
+    gauge(
+        registry,
+        "budget_high_water",
+        "Most GlobalBudget slots ever in use at once",
+        budget.high_water as u64,
+    );
+    for (name, help, value) in [
+        (
+            "connections_created",
+            "Upstream connections opened (spares and misses)",
+            stats.total_created,
+        ),
+        ("connections_reused", "Spares handed to a client", stats.total_reused),
+        ("hits", "Checkouts answered by a spare", stats.pool_hits),
+        ("misses", "Checkouts that had to dial", stats.pool_misses),
+        (
+            "dropped_full",
+            "Untouched connections not pooled because a cap was full",
+            stats.dropped_full,
+        ),
+        ("expired", "Spares closed for exceeding idle_timeout", stats.expired),
+        ("evicted", "Spares evicted by the global budget", stats.evicted),
+        ("connect_failures", "Failed dials", stats.connect_failures),
+        ("validation_drops", "Spares found broken at checkout", stats.validation_drops),
+        ("peer_closed", "Idle spares closed by their peer", stats.peer_closed),
+        (
+            "returned_untouched",
+            "Connections handed back unused and pooled again",
+            stats.returned_untouched,
+        ),
+        ("refill_denied", "Background dials refused by the global budget", stats.refill_denied),
+        ("manager_restarts", "PoolManagers restarted after a failure", stats.manager_restarts),
+        (
+            "destinations_pruned",
+            "Cold destinations whose PoolManager was stopped",
+            stats.destinations_pruned,
+        ),
+        (
+            "fallback_dials",
+            "Checkouts answered by a direct dial because the pool was slow or down",
+            stats.fallback_dials,
+        ),
+    ] {
+        counter(registry, name, help, value);
+    }
+}
+
+fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
+    // The busiest destinations keep their series; ties broken by name so the choice is stable.
+    let mut ranked: Vec<&DestStats> = dests.iter().collect();
+    ranked.sort_by(|a, b| {
+        activity(b).cmp(&activity(a)).then_with(|| a.destination.cmp(&b.destination))
+    });
+    let (shown, hidden) = ranked.split_at(cap.min(ranked.len()));
+    gauge(
+        registry,
+        "destinations_unlabelled",
+        "Destinations over the label cap: counted in the totals only",
+        hidden.len() as u64,
+    );
+
+    let dest = registry.sub_registry_with_prefix("destination");
+    let gauges: [DestSeries; 3] = [
+        ("idle", "Spares held for the destination", |d| d.idle as u64),
+        ("in_use", "Leases outstanding for the destination", |d| d.in_use),
+        ("pending_creates", "Background dials in flight for the destination", |d| {
+            d.pending_creates
+        }),
+    ];
+    for (name, help, value) in gauges {
+        let family = Family::<DestinationLabel, Gauge>::default();
+        for d in shown {
+            family.get_or_create(&label(d)).set(clamp_i64(value(d)));
+        }
+        dest.register(name, help, family);
+    }
+    let counters: [DestSeries; 7] = [
+        ("created", "Connections opened to the destination", |d| d.counters.created),
+        ("reused", "Spares handed out for the destination", |d| d.counters.reused),
+        ("hits", "Checkouts answered by a spare", |d| d.counters.hits),
+        ("misses", "Checkouts that had to dial", |d| d.counters.misses),
+        ("dropped_full", "Connections not pooled because a cap was full", |d| {
+            d.counters.dropped_full
+        }),
+        ("expired", "Spares closed for age", |d| d.counters.expired),
+        ("evicted", "Spares evicted by the global budget", |d| d.counters.evicted),
+    ];
+    for (name, help, value) in counters {
+        let family = Family::<DestinationLabel, Counter>::default();
+        for d in shown {
+            family.get_or_create(&label(d)).inc_by(value(d));
+        }
+        dest.register(name, help, family);
+    }
+}
+
+/// A per-destination series: name, help, and how to read its value.
+type DestSeries = (&'static str, &'static str, fn(&DestStats) -> u64);
+
+fn activity(d: &DestStats) -> u64 {
+    d.counters.hits + d.counters.misses + d.in_use + d.idle as u64
+}
+
+fn label(d: &DestStats) -> DestinationLabel {
+    DestinationLabel { destination: d.destination.clone() }
+}
+
+fn clamp_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn gauge(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let metric = Gauge::<i64>::default();
+    metric.set(clamp_i64(value));
+    registry.register(name, help, metric);
+}
+
+/// prometheus-client appends `_total` to counter names.
+fn counter(registry: &mut Registry, name: &str, help: &str, value: u64) {
+    let metric = Counter::<u64>::default();
+    metric.inc_by(value);
+    registry.register(name, help, metric);
+}
