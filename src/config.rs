@@ -282,11 +282,14 @@ impl<'de> Deserialize<'de> for PortRange {
             Port(u16),
             Range(String),
         }
-        let parse = |text: &str| text.trim().parse::<u16>().map_err(|_| format!("bad port {text:?}"));
+        let parse =
+            |text: &str| text.trim().parse::<u16>().map_err(|_| format!("bad port {text:?}"));
         let range = match Raw::deserialize(deserializer)? {
             Raw::Port(port) => Ok(PortRange { first: port, last: port }),
             Raw::Range(text) => match text.split_once('-') {
-                Some((first, last)) => parse(first).and_then(|first| Ok(PortRange { first, last: parse(last)? })),
+                Some((first, last)) => {
+                    parse(first).and_then(|first| Ok(PortRange { first, last: parse(last)? }))
+                }
                 None => parse(&text).map(|port| PortRange { first: port, last: port }),
             },
         };
@@ -475,7 +478,10 @@ impl Config {
     fn validate_access(&self) -> Result<(), ConfigError> {
         for rule in &self.access.rules {
             if let Some(domain) = rule.domains.iter().find(|d| d.trim_matches('.').is_empty()) {
-                return Err(invalid("access.rules.domains", format!("{domain:?} is not a domain suffix")));
+                return Err(invalid(
+                    "access.rules.domains",
+                    format!("{domain:?} is not a domain suffix"),
+                ));
             }
         }
         Ok(())
@@ -490,12 +496,18 @@ impl Config {
             return Err(invalid("auth.login_failure_window_secs", "must be greater than 0"));
         }
         for user in auth.users.iter().filter(|user| user.password_is_hashed()) {
-            if let Err(e) = argon2::PasswordHash::new(user.password.expose()) {
-                return Err(invalid(
-                    "auth.users.password",
-                    format!("of user {:?} looks like an argon2 hash but does not parse: {e}", user.username),
-                ));
-            }
+            let problem = match argon2::PasswordHash::new(user.password.expose()) {
+                Ok(hash) if hash.salt.is_some() && hash.hash.is_some() => continue,
+                Ok(_) => "it has no salt or no hash".to_string(),
+                Err(e) => e.to_string(),
+            };
+            return Err(invalid(
+                "auth.users.password",
+                format!(
+                    "of user {:?} looks like an argon2 hash but does not parse: {problem}",
+                    user.username
+                ),
+            ));
         }
         match auth.method() {
             SocksMethod::None if !auth.users.is_empty() => Err(invalid(

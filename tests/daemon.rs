@@ -1,96 +1,15 @@
 //! The built `poolsocks` binary as a separate process: real clients (curl), CLI flags and
 //! graceful shutdown on SIGTERM.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::Command;
+
+use common::daemon::{Daemon, EVENT_DEADLINE};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-
-const EVENT_DEADLINE: Duration = Duration::from_secs(20);
-
-/// A daemon started from the built binary with a config written to a temp dir. Its stderr
-/// (the log) is forwarded line by line so tests can await log events.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    log: mpsc::Receiver<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("poolsocks.toml");
-        std::fs::write(&path, format!("{config}\n[logging]\nlevel = \"info\"\n"))
-            .expect("write config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_poolsocks"))
-            .arg("--config")
-            .arg(&path)
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .env_remove("RUST_LOG")
-            .spawn()
-            .expect("start poolsocks");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, log) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[daemon] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut daemon = Daemon { child, addr: "0.0.0.0:0".parse().expect("addr"), log, _dir: dir };
-        let line = daemon.await_log("listening");
-        let addr = line
-            .split_whitespace()
-            .find_map(|word| word.strip_prefix("addr="))
-            .and_then(|addr| addr.parse().ok())
-            .unwrap_or_else(|| panic!("no addr in {line:?}"));
-        daemon.addr = addr;
-        daemon
-    }
-
-    /// Blocks until a log line containing `needle` appears.
-    fn await_log(&mut self, needle: &str) -> String {
-        loop {
-            match self.log.recv_timeout(EVENT_DEADLINE) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("log line {needle:?} never came: {e}"),
-            }
-        }
-    }
-
-    fn signal(&self, signal: libc::c_int) {
-        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = std::time::Instant::now() + EVENT_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(std::time::Instant::now() < deadline, "daemon did not exit");
-            std::thread::park_timeout(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A minimal HTTP/1.1 origin on 127.0.0.1 that answers every request with `body` and closes.
 async fn http_origin(body: &'static str) -> SocketAddr {
@@ -298,4 +217,39 @@ async fn sessions_still_open_after_the_grace_period_are_cut_and_the_daemon_exits
     assert!(cut.is_ok(), "session was not cut");
     let status = tokio::task::spawn_blocking(move || daemon.wait()).await.expect("wait");
     assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn passwords_never_reach_the_log_even_at_trace_level() {
+    let mut echo = common::EchoServer::start().await;
+    let mut daemon = Daemon::start(
+        "[server]\nbind_port = 0\n[[auth.users]]\nusername = \"alice\"\npassword = \"Tr0ub4dor&3\"\n\
+         [logging]\nlevel = \"trace\"\n",
+    );
+    let (mut stream, reply) =
+        common::connect_with_password(daemon.addr, echo.addr.into(), "alice", "Tr0ub4dor&3").await;
+    assert_eq!(reply.code, poolsocks::socks::ReplyCode::Succeeded);
+    assert_eq!(common::round_trip(&mut stream, b"payload").await, b"payload");
+    assert!(echo.accepted.recv().await.is_some());
+    drop(stream);
+    for (user, password) in [("alice", "Wr0ngGuess!"), ("mallory", "Tr0ub4dor&3")] {
+        let mut stream = TcpStream::connect(daemon.addr).await.expect("connect");
+        common::greet(&mut stream, &[poolsocks::socks::METHOD_USERPASS]).await;
+        assert!(!common::authenticate(&mut stream, user, password).await.success);
+    }
+    daemon.signal(libc::SIGTERM);
+    let log = tokio::task::spawn_blocking(move || {
+        let log = daemon.rest_of_log();
+        assert!(daemon.wait().success());
+        log
+    })
+    .await
+    .expect("log");
+    assert!(log.iter().any(|line| line.contains("authentication failed")), "failures are logged");
+    for line in &log {
+        assert!(
+            !line.contains("Tr0ub4dor") && !line.contains("Wr0ngGuess"),
+            "secret in log: {line}"
+        );
+    }
 }

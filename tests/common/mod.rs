@@ -2,6 +2,8 @@
 //! what they accepted, and a small SOCKS5 client built on the crate's own codec.
 #![allow(dead_code)] // each test binary uses a different subset
 
+pub mod daemon;
+
 use std::net::SocketAddr;
 
 use poolsocks::config::Config;

@@ -1,0 +1,141 @@
+//! Access rules and secure defaults, end to end through the SOCKS server.
+
+mod common;
+
+use common::*;
+use poolsocks::config::{Config, SocksMethod, UserConfig};
+use poolsocks::secret::Secret;
+use poolsocks::server::Server;
+use poolsocks::socks::{ReplyCode, TargetAddr, METHOD_USERPASS};
+use poolsocks::telemetry::{EventQuery, Telemetry};
+use tokio::net::TcpStream;
+
+fn with_access(toml: &str) -> Config {
+    let mut config = Config::from_toml(toml, None).expect("valid config");
+    config.server.handshake_timeout_ms = 500;
+    config
+}
+
+async fn start(config: Config) -> (TestProxy, Telemetry) {
+    let server = Server::build(config).await.expect("build");
+    let telemetry = server.telemetry();
+    (TestProxy::start_server(server).await, telemetry)
+}
+
+fn denial_events(telemetry: &Telemetry) -> Vec<String> {
+    telemetry
+        .query(&EventQuery { category: Some("access".into()), ..EventQuery::default() })
+        .into_iter()
+        .map(|event| format!("{} {:?}", event.message, event.details))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_denied_port_gets_0x02_a_telemetry_event_and_no_upstream_connection() {
+    let mut echo = EchoServer::start().await;
+    let config = with_access(&format!(
+        "[[access.rules]]\naction = \"deny\"\nports = [{}]\n",
+        echo.addr.port()
+    ));
+    let (proxy, telemetry) = start(config).await;
+    let (mut stream, reply) = connect(proxy.addr, echo.addr.into()).await;
+    assert_eq!(reply.code, ReplyCode::NotAllowed);
+    assert!(closed_without_data(&mut stream).await);
+    let events = denial_events(&telemetry);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].contains(&echo.addr.to_string()), "{events:?}");
+    proxy.stop().await;
+    assert!(echo.accepted.try_recv().is_err(), "the denied destination was contacted");
+}
+
+#[tokio::test]
+async fn a_name_that_resolves_into_a_denied_network_cannot_smuggle_a_connection() {
+    let mut echo = EchoServer::start().await;
+    let config = with_access(
+        "[[access.rules]]\naction = \"deny\"\nnetworks = [\"127.0.0.0/8\", \"::1/128\"]\n",
+    );
+    let (proxy, telemetry) = start(config).await;
+
+    let (_, reply) =
+        connect(proxy.addr, TargetAddr::Domain("localhost".into(), echo.addr.port())).await;
+    assert_eq!(reply.code, ReplyCode::NotAllowed, "by name");
+    let (_, reply) = connect(proxy.addr, echo.addr.into()).await;
+    assert_eq!(reply.code, ReplyCode::NotAllowed, "by address");
+    let mapped: std::net::SocketAddr =
+        format!("[::ffff:127.0.0.1]:{}", echo.addr.port()).parse().expect("addr");
+    let (_, reply) = connect(proxy.addr, mapped.into()).await;
+    assert_eq!(reply.code, ReplyCode::NotAllowed, "by IPv4-mapped IPv6 address");
+
+    assert_eq!(denial_events(&telemetry).len(), 3);
+    proxy.stop().await;
+    assert!(echo.accepted.try_recv().is_err(), "the denied destination was contacted");
+}
+
+#[tokio::test]
+async fn a_denied_domain_suffix_is_refused_before_any_dns_lookup() {
+    // `.invalid` never resolves: had the proxy looked it up, the reply would be 0x04.
+    let config =
+        with_access("[[access.rules]]\naction = \"deny\"\ndomains = [\"blocked.invalid\"]\n");
+    let (proxy, _) = start(config).await;
+    let (_, reply) =
+        connect(proxy.addr, TargetAddr::Domain("www.Blocked.invalid".into(), 80)).await;
+    assert_eq!(reply.code, ReplyCode::NotAllowed);
+    let (_, reply) = connect(proxy.addr, TargetAddr::Domain("unblocked.invalid".into(), 80)).await;
+    assert_eq!(reply.code, ReplyCode::HostUnreachable, "other names are still resolved");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn default_deny_with_an_allow_rule() {
+    let mut echo = EchoServer::start().await;
+    let config = with_access(&format!(
+        "[access]\ndefault_action = \"deny\"\n[[access.rules]]\naction = \"allow\"\nnetworks = [\"127.0.0.1/32\"]\nports = [{}]\n",
+        echo.addr.port()
+    ));
+    let (proxy, _) = start(config).await;
+    let (mut stream, reply) = connect(proxy.addr, echo.addr.into()).await;
+    assert_eq!(reply.code, ReplyCode::Succeeded);
+    assert_eq!(round_trip(&mut stream, b"allowed").await, b"allowed");
+    assert!(echo.accepted.recv().await.is_some());
+    drop(stream);
+    let (_, reply) = connect(proxy.addr, closed_port().await.into()).await;
+    assert_eq!(reply.code, ReplyCode::NotAllowed, "another port falls to the default");
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn clients_outside_client_networks_are_closed_without_a_reply() {
+    let config = with_access("[access]\nclient_networks = [\"192.0.2.0/24\"]\n");
+    let (proxy, telemetry) = start(config).await;
+    let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+    // Send a greeting; the proxy must not answer it.
+    tokio::io::AsyncWriteExt::write_all(&mut stream, &[5, 1, 0]).await.expect("write");
+    assert!(closed_without_data(&mut stream).await);
+    assert_eq!(denial_events(&telemetry).len(), 1);
+    proxy.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_failed_logins_lock_the_address_out_even_with_the_right_password() {
+    let mut config = test_config();
+    config.auth.socks_method = Some(SocksMethod::Userpass);
+    config.auth.users =
+        vec![UserConfig { username: "alice".into(), password: Secret::new("right") }];
+    config.auth.login_failure_limit = 3;
+    let (proxy, telemetry) = start(config).await;
+    let attempt = |password: &'static str| async move {
+        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
+        greet(&mut stream, &[METHOD_USERPASS]).await;
+        authenticate(&mut stream, "alice", password).await.success
+    };
+    assert!(attempt("right").await, "the right password works at first");
+    for _ in 0..3 {
+        assert!(!attempt("guess").await);
+    }
+    assert!(!attempt("right").await, "locked out after 3 failures");
+    let events =
+        telemetry.query(&EventQuery { category: Some("auth".into()), ..EventQuery::default() });
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(!format!("{events:?}").contains("right"), "no password in telemetry");
+    proxy.stop().await;
+}
