@@ -162,7 +162,27 @@ impl Pool {
     }
 
     async fn dial(&self, target: &TargetAddr) -> Result<tokio::net::TcpStream, ConnectError> {
-        self.dialer.dial(target.clone(), self.options.connect_timeout).await
+        dial_within(self.dialer.as_ref(), target, self.options.connect_timeout).await
+    }
+}
+
+/// Dials through `dialer`, bounded by `timeout` even if an injected dialer ignores it, so a
+/// client is never stuck and a pending create always ends.
+pub(crate) async fn dial_within(
+    dialer: &dyn Dialer,
+    target: &TargetAddr,
+    timeout: Duration,
+) -> Result<tokio::net::TcpStream, ConnectError> {
+    match tokio::time::timeout(timeout, dialer.dial(target.clone(), timeout)).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Io {
+            // The dialer never said which address it tried; the port still identifies it.
+            addr: std::net::SocketAddr::from(([0, 0, 0, 0], target.port())),
+            source: std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("dial to {target} did not finish within {timeout:?}"),
+            ),
+        }),
     }
 }
 

@@ -28,6 +28,8 @@ use crate::socks::TargetAddr;
 use crate::telemetry::Telemetry;
 use crate::upstream::{ConnectError, Dialer};
 
+use super::handle::dial_within;
+
 pub struct PoolManager;
 
 pub struct ManagerArgs {
@@ -67,6 +69,7 @@ pub struct ManagerState {
     refill: RefillTarget,
     backoff: Backoff,
     last_activity: Instant,
+    idle_high_water: usize,
     counters: DestCounters,
 }
 
@@ -98,6 +101,7 @@ impl Actor for PoolManager {
             next_tag: 1,
             next_spare: 1,
             last_activity: Instant::now(),
+            idle_high_water: 0,
             counters: args.counters,
         };
         state.publish();
@@ -123,6 +127,10 @@ impl ManagerState {
         message: ManagerMsg,
     ) -> Result<(), ActorProcessingErr> {
         match message {
+            ManagerMsg::Acquire(reply) if reply.is_closed() => {
+                // The caller timed out and dialed directly: handing it a spare would lose it.
+                self.counters.abandoned += 1;
+            }
             ManagerMsg::Acquire(reply) => {
                 let checkout = self.checkout(myself).await;
                 // If the caller gave up, the checkout is dropped here and its lease releases
@@ -306,19 +314,7 @@ impl ManagerState {
         let manager = myself.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            // The outer timeout holds even for an injected dialer that ignores its own, so a
-            // pending create always ends.
-            let result =
-                match tokio::time::timeout(timeout, dialer.dial(target.clone(), timeout)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(ConnectError::Io {
-                        addr: std::net::SocketAddr::from(([0, 0, 0, 0], target.port())),
-                        source: std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            format!("dial to {target} did not finish within {timeout:?}"),
-                        ),
-                    }),
-                };
+            let result = dial_within(dialer.as_ref(), &target, timeout).await;
             // If the manager died meanwhile, the message (and the stream in it) is dropped.
             let _ = manager.cast(ManagerMsg::DialDone { slot, result, took: started.elapsed() });
         });
@@ -363,6 +359,7 @@ impl ManagerState {
         let id = self.next_spare;
         self.next_spare += 1;
         self.idle.push(Spare::watch(stream, id, slot, myself.clone()));
+        self.idle_high_water = self.idle_high_water.max(self.idle.len());
         let _ = self.budget.cast(BudgetMsg::Pooled { slot });
     }
 
@@ -418,6 +415,7 @@ impl ManagerState {
         DestStats {
             destination: self.label.clone(),
             idle: self.idle.len(),
+            idle_high_water: self.idle_high_water,
             in_use: self.in_use,
             pending_creates: self.pending_dials,
             awaiting_slots: self.awaiting.len() as u64,

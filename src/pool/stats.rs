@@ -29,6 +29,9 @@ pub struct DestCounters {
     pub returned_untouched: u64,
     /// Background dials not started because the GlobalBudget had no room.
     pub refill_denied: u64,
+    /// Checkouts whose caller had given up (timed out) before the manager got to them; they
+    /// were skipped, so no spare was lost to them.
+    pub abandoned: u64,
 }
 
 impl DestCounters {
@@ -45,6 +48,7 @@ impl DestCounters {
         self.peer_closed += other.peer_closed;
         self.returned_untouched += other.returned_untouched;
         self.refill_denied += other.refill_denied;
+        self.abandoned += other.abandoned;
     }
 }
 
@@ -55,6 +59,8 @@ pub struct DestStats {
     pub destination: String,
     /// Spares held now.
     pub idle: usize,
+    /// The most spares ever held at once (never above `max_idle_per_dest`).
+    pub idle_high_water: usize,
     /// Leases outstanding: sessions using a connection from this manager (hit or miss), and
     /// untouched returns waiting for a budget slot.
     pub in_use: u64,

@@ -1,0 +1,894 @@
+//! Edge cases of the pool, driven at the actor level with real sockets on 127.0.0.1.
+//!
+//! Reuse is proven from the upstream server's side: every accepted connection has an index, a
+//! client asks "who" and the server says which accepted connection is answering; spares that
+//! never carried bytes are identified by their address as the server saw it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use poolsocks::pool::{category, Fault, ManagerMsg, Pool, PoolOptions, RefillMode};
+use poolsocks::socks::TargetAddr;
+use poolsocks::telemetry::{EventQuery, Severity, Telemetry};
+use poolsocks::upstream::{
+    BoxFuture, ConnectError, Connector, Dialer, Origin, TcpDialer, Upstream,
+};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+
+/// Bounds a wait that should finish at once, so a bug fails the test instead of hanging it.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// An upstream server that records what it accepted.
+
+struct UpstreamServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    /// Peer address of each accepted connection, in accept order.
+    peers: Mutex<Vec<SocketAddr>>,
+    closers: Mutex<Vec<Option<oneshot::Sender<()>>>>,
+    accepted: watch::Sender<usize>,
+    live: watch::Sender<usize>,
+    greeted: watch::Sender<usize>,
+}
+
+impl UpstreamServer {
+    async fn start(greeting: Option<&'static [u8]>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            peers: Mutex::new(Vec::new()),
+            closers: Mutex::new(Vec::new()),
+            accepted: watch::Sender::new(0),
+            live: watch::Sender::new(0),
+            greeted: watch::Sender::new(0),
+        });
+        let server = Arc::clone(&shared);
+        tokio::spawn(async move {
+            while let Ok((socket, peer)) = listener.accept().await {
+                let (close_tx, close_rx) = oneshot::channel();
+                let index = {
+                    let mut peers = server.peers.lock().unwrap();
+                    peers.push(peer);
+                    server.closers.lock().unwrap().push(Some(close_tx));
+                    peers.len() - 1
+                };
+                server.live.send_modify(|n| *n += 1);
+                server.accepted.send_modify(|n| *n += 1);
+                tokio::spawn(serve(socket, index, greeting, close_rx, Arc::clone(&server)));
+            }
+        });
+        UpstreamServer { addr, shared }
+    }
+
+    fn target(&self) -> TargetAddr {
+        TargetAddr::Ip(self.addr)
+    }
+
+    fn accepted(&self) -> usize {
+        *self.shared.accepted.borrow()
+    }
+
+    fn live(&self) -> usize {
+        *self.shared.live.borrow()
+    }
+
+    /// Which accepted connection the client side `stream` is. A connect completes before the
+    /// server's accept loop records it, so this waits for the record.
+    async fn index_of(&self, stream: &TcpStream) -> usize {
+        let local = stream.local_addr().unwrap();
+        let mut accepted = self.shared.accepted.subscribe();
+        let find = async {
+            loop {
+                let found = self.shared.peers.lock().unwrap().iter().position(|p| *p == local);
+                if let Some(index) = found {
+                    return index;
+                }
+                accepted.changed().await.unwrap();
+            }
+        };
+        tokio::time::timeout(PATIENCE, find).await.expect("the server accepted this connection")
+    }
+
+    /// Closes every connection accepted so far, from the server side.
+    fn close_all(&self) -> usize {
+        let mut closers = self.shared.closers.lock().unwrap();
+        closers.iter_mut().filter_map(Option::take).map(|c| c.send(())).count()
+    }
+
+    async fn wait_live(&self, pred: impl FnMut(&usize) -> bool) {
+        let mut rx = self.shared.live.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(pred))
+            .await
+            .expect("upstream connection count never matched")
+            .unwrap();
+    }
+
+    async fn wait_greeted(&self, n: usize) {
+        let mut rx = self.shared.greeted.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(|g| *g >= n))
+            .await
+            .expect("greetings not sent")
+            .unwrap();
+    }
+}
+
+async fn serve(
+    socket: TcpStream,
+    index: usize,
+    greeting: Option<&'static [u8]>,
+    mut close: oneshot::Receiver<()>,
+    shared: Arc<Shared>,
+) {
+    let (read, mut write) = socket.into_split();
+    if let Some(greeting) = greeting {
+        if write.write_all(greeting).await.is_ok() {
+            shared.greeted.send_modify(|n| *n += 1);
+        }
+    }
+    let mut lines = BufReader::new(read).lines();
+    loop {
+        tokio::select! {
+            _ = &mut close => break,
+            line = lines.next_line() => match line {
+                Ok(Some(line)) if line == "who" => {
+                    if write.write_all(format!("conn {index}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+    drop((lines, write));
+    shared.live.send_modify(|n| *n -= 1);
+}
+
+/// Asks the upstream which accepted connection this is (this moves bytes: the stream is used).
+async fn who(stream: &mut TcpStream) -> usize {
+    stream.write_all(b"who\n").await.unwrap();
+    let mut line = String::new();
+    let mut reader = BufReader::new(stream);
+    reader.read_line(&mut line).await.unwrap();
+    line.trim()
+        .strip_prefix("conn ")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected answer {line:?}"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// A dialer a test can make fail or hang, counting its calls.
+
+#[derive(Default)]
+struct ScriptedDialer {
+    /// 0: dial for real, 1: fail, 2: hang.
+    mode: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+const PASS: usize = 0;
+const FAIL: usize = 1;
+const HANG: usize = 2;
+
+impl Dialer for ScriptedDialer {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mode = self.mode.load(Ordering::SeqCst);
+        Box::pin(async move {
+            match mode {
+                PASS => TcpDialer.dial(target, timeout).await,
+                FAIL => Err(ConnectError::Io {
+                    addr: "127.0.0.1:9".parse().unwrap(),
+                    source: std::io::ErrorKind::ConnectionRefused.into(),
+                }),
+                _ => std::future::pending().await,
+            }
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pool helpers.
+
+fn options() -> PoolOptions {
+    PoolOptions {
+        max_idle_per_dest: 4,
+        max_total_idle: 100,
+        idle_timeout: Duration::from_secs(90),
+        connect_timeout: Duration::from_secs(5),
+        checkout_timeout: Duration::from_secs(5),
+        janitor_period: None,
+        cold_after: Duration::from_secs(30),
+        ..PoolOptions::default()
+    }
+}
+
+async fn spawn(options: PoolOptions) -> (Pool, Telemetry) {
+    spawn_with(options, Arc::new(TcpDialer)).await
+}
+
+async fn spawn_with(options: PoolOptions, dialer: Arc<dyn Dialer>) -> (Pool, Telemetry) {
+    let telemetry = Telemetry::new(&poolsocks::config::TelemetryConfig {
+        enabled: true,
+        max_events: 1000,
+        retention_hours: 1,
+    });
+    let pool = Pool::spawn(options, dialer, telemetry.clone()).await.unwrap();
+    (pool, telemetry)
+}
+
+async fn wait_dest(
+    pool: &Pool,
+    target: &TargetAddr,
+    what: &str,
+    pred: impl FnMut(&poolsocks::pool::DestStats) -> bool,
+) -> poolsocks::pool::DestStats {
+    let mut rx = pool.watch_destination(target).await.unwrap();
+    let reached =
+        tokio::time::timeout(PATIENCE, rx.wait_for(pred)).await.map(|r| r.map(|s| s.clone()));
+    match reached {
+        Ok(Ok(stats)) => stats,
+        _ => panic!("destination never reached: {what}; last {:?}", *rx.borrow()),
+    }
+}
+
+/// Waits until nothing is in use or in flight, then checks the counters against the sockets
+/// the upstream servers really hold: idle spares are the only connections left open.
+async fn assert_settled(pool: &Pool, servers: &[&UpstreamServer]) {
+    for server in servers {
+        wait_dest(pool, &server.target(), "quiet", |s| s.is_quiet()).await;
+    }
+    // The budget hears of the managers' last moves by message, a moment later.
+    let mut budget = pool.watch_budget().await.unwrap();
+    tokio::time::timeout(PATIENCE, budget.wait_for(|b| b.reserved + b.evicting + b.waiting == 0))
+        .await
+        .expect("the budget never settled")
+        .unwrap();
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.connections_in_use, 0, "{stats:#?}");
+    assert_eq!(stats.pending_creates, 0, "{stats:#?}");
+    assert_eq!(stats.budget.reserved + stats.budget.evicting, 0, "{stats:#?}");
+    assert_eq!(stats.budget.pooled, stats.total_idle, "{stats:#?}");
+    for server in servers {
+        let idle = stats
+            .per_destination
+            .iter()
+            .find(|d| d.destination == server.target().to_string())
+            .map_or(0, |d| d.idle);
+        server.wait_live(|live| *live == idle).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_second_client_gets_the_spare_dialed_after_the_first_miss() {
+    let server = UpstreamServer::start(None).await;
+    let (pool, _) = spawn(options()).await;
+    let target = server.target();
+
+    let mut first = pool.acquire(&target).await.unwrap();
+    assert_eq!(first.origin, Origin::Dialed);
+    let first_index = who(&mut first.stream).await;
+    first.finish(false);
+
+    // The miss started a background dial (racing the client's own, so either may be 0): the
+    // upstream accepted the other connection before the second client asked, and that one
+    // answers it.
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1).await;
+    assert_eq!(server.accepted(), 2);
+    let spare_index = 1 - first_index;
+    let mut second = pool.acquire(&target).await.unwrap();
+    assert_eq!(second.origin, Origin::Pooled);
+    assert_eq!(server.index_of(&second.stream).await, spare_index);
+    assert_eq!(who(&mut second.stream).await, spare_index);
+    second.finish(false);
+
+    // Handing out the spare started its replacement (connection 2), which a third client gets.
+    wait_dest(&pool, &target, "the replacement", |s| s.idle == 1).await;
+    let mut third = pool.acquire(&target).await.unwrap();
+    assert_eq!(third.origin, Origin::Pooled);
+    assert_eq!(who(&mut third.stream).await, 2);
+    third.finish(false);
+
+    assert_settled(&pool, &[&server]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!((stats.pool_hits, stats.pool_misses), (2, 1));
+    assert_eq!(stats.total_reused, 2);
+    // One dial for the miss, one spare after it, one replacement per hit.
+    assert_eq!(stats.total_created, 4);
+    assert_eq!(server.accepted(), 4);
+    assert_eq!(stats.total_idle, 1);
+    pool.shutdown().await;
+    server.wait_live(|l| *l == 0).await;
+}
+
+#[tokio::test]
+async fn a_used_connection_is_never_pooled_but_an_untouched_one_is() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.refill = RefillMode::Off;
+    let (pool, _) = spawn(opts).await;
+    let target = server.target();
+
+    let mut used = pool.acquire(&target).await.unwrap();
+    who(&mut used.stream).await;
+    used.finish(false);
+    let untouched = pool.acquire(&target).await.unwrap();
+    let untouched_index = server.index_of(&untouched.stream).await;
+    untouched.finish(true);
+
+    let stats =
+        wait_dest(&pool, &target, "the untouched one pooled", |s| s.idle == 1 && s.is_quiet())
+            .await;
+    assert_eq!(stats.counters.returned_untouched, 1);
+    server.wait_live(|l| *l == 1).await;
+
+    // The next client gets exactly the untouched connection, never the used one.
+    let mut next = pool.acquire(&target).await.unwrap();
+    assert_eq!(next.origin, Origin::Pooled);
+    assert_eq!(who(&mut next.stream).await, untouched_index);
+    next.finish(false);
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn peer_closed_spares_are_never_handed_out() {
+    let server = UpstreamServer::start(None).await;
+    let (pool, _) = spawn(options()).await;
+    let target = server.target();
+
+    let first = pool.acquire(&target).await.unwrap();
+    first.finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1).await;
+    let closed_before = server.accepted();
+
+    // The upstream closes everything; the spare is dead as soon as the server has let go.
+    server.close_all();
+    server.wait_live(|l| *l == 0).await;
+
+    // Checked out at once, before the pool may even have noticed: still never the dead spare.
+    let mut next = pool.acquire(&target).await.unwrap();
+    let index = who(&mut next.stream).await;
+    assert!(index >= closed_before, "got dead connection {index}");
+    next.finish(false);
+
+    assert_settled(&pool, &[&server]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(
+        stats.peer_closed + stats.validation_drops,
+        1,
+        "the dead spare is dropped exactly once: {stats:#?}"
+    );
+
+    // An idle spare whose peer closes is dropped at once, without any checkout.
+    wait_dest(&pool, &target, "a new spare", |s| s.idle == 1).await;
+    server.close_all();
+    let stats = wait_dest(&pool, &target, "the close noticed", |s| s.idle == 0).await;
+    assert_eq!(stats.counters.peer_closed + stats.counters.validation_drops, 2);
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn greeting_bytes_on_a_spare_reach_the_client_intact() {
+    const GREETING: &[u8] = b"220 upstream ready\r\n";
+    let server = UpstreamServer::start(Some(GREETING)).await;
+    let (pool, _) = spawn(options()).await;
+    let target = server.target();
+
+    let first = pool.acquire(&target).await.unwrap();
+    first.finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1).await;
+    // The spare's greeting has been written: it sits unread in the spare's socket.
+    server.wait_greeted(2).await;
+
+    let mut second = pool.acquire(&target).await.unwrap();
+    assert_eq!(second.origin, Origin::Pooled);
+    let index = server.index_of(&second.stream).await;
+    let mut greeting = vec![0u8; GREETING.len()];
+    second.stream.read_exact(&mut greeting).await.unwrap();
+    assert_eq!(greeting, GREETING);
+    assert_eq!(who(&mut second.stream).await, index);
+    second.finish(false);
+
+    assert_settled(&pool, &[&server]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.validation_drops + stats.peer_closed, 0);
+}
+
+#[tokio::test]
+async fn the_janitor_expires_spares_older_than_idle_timeout() {
+    let server = UpstreamServer::start(None).await;
+    let (pool, _) = spawn(options()).await;
+    let target = server.target();
+
+    let first = pool.acquire(&target).await.unwrap();
+    first.finish(false);
+    wait_dest(&pool, &target, "a quiet spare", |s| s.idle == 1 && s.is_quiet()).await;
+    server.wait_live(|l| *l == 1).await;
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(89)).await;
+    assert_eq!(pool.run_janitor().await.unwrap().expired, 0);
+    assert_eq!(server.live(), 1);
+
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let report = pool.run_janitor().await.unwrap();
+    assert_eq!(report.expired, 1);
+    assert_eq!(pool.stats().await.unwrap().expired, 1);
+    tokio::time::resume();
+    server.wait_live(|l| *l == 0).await;
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn the_janitor_timer_runs_on_tokio_time() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.idle_timeout = Duration::from_secs(10);
+    opts.janitor_period = Some(Duration::from_secs(1));
+    let (pool, _) = spawn(opts).await;
+    let target = server.target();
+
+    let first = pool.acquire(&target).await.unwrap();
+    first.finish(false);
+    wait_dest(&pool, &target, "a quiet spare", |s| s.idle == 1 && s.is_quiet()).await;
+
+    // No manual pass: the interval timer does it once paused time passes the timeout.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(12)).await;
+    let stats = wait_dest(&pool, &target, "expired by the timer", |s| s.idle == 0).await;
+    assert_eq!(stats.counters.expired, 1);
+    tokio::time::resume();
+    server.wait_live(|l| *l == 0).await;
+}
+
+#[tokio::test]
+async fn spares_are_handed_out_last_in_first_out() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.refill = RefillMode::Off; // only the test's returns become spares: a known order
+    opts.max_idle_per_dest = 3;
+    let (pool, _) = spawn(opts).await;
+    let target = server.target();
+
+    let mut sessions = Vec::new();
+    for _ in 0..3 {
+        sessions.push(pool.acquire(&target).await.unwrap());
+    }
+    let mut order = Vec::new();
+    for session in &sessions {
+        order.push(server.index_of(&session.stream).await);
+    }
+    for (pooled, session) in sessions.into_iter().enumerate() {
+        session.finish(true);
+        wait_dest(&pool, &target, "returned", |s| s.idle == pooled + 1 && s.awaiting_slots == 0)
+            .await;
+    }
+
+    let mut handed_out = Vec::new();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let upstream = pool.acquire(&target).await.unwrap();
+        assert_eq!(upstream.origin, Origin::Pooled);
+        handed_out.push(server.index_of(&upstream.stream).await);
+        held.push(upstream);
+    }
+    let newest_first: Vec<usize> = order.iter().rev().copied().collect();
+    assert_eq!(handed_out, newest_first);
+    for mut upstream in held {
+        let index = server.index_of(&upstream.stream).await;
+        assert_eq!(who(&mut upstream.stream).await, index);
+        upstream.finish(false);
+    }
+    assert_settled(&pool, &[&server]).await;
+    assert_eq!(server.accepted(), 3);
+}
+
+/// Watches every destination and the budget while a test runs, failing on any published state
+/// over a limit, and returns how many states it saw. (The exact proof is the high-water marks
+/// the actors keep themselves; this checks them from outside, while it runs.)
+fn sample_limits(
+    dests: Vec<watch::Receiver<poolsocks::pool::DestStats>>,
+    mut budget: watch::Receiver<poolsocks::pool::BudgetStats>,
+    per_dest: usize,
+    total: usize,
+) -> (watch::Sender<bool>, Vec<tokio::task::JoinHandle<usize>>) {
+    let (stop, _) = watch::channel(false);
+    let mut samplers = Vec::new();
+    for mut dest in dests {
+        let mut stop_rx = stop.subscribe();
+        samplers.push(tokio::spawn(async move {
+            let mut seen = 0;
+            loop {
+                {
+                    let s = dest.borrow_and_update();
+                    assert!(s.idle <= per_dest, "per-destination limit exceeded: {s:?}");
+                }
+                seen += 1;
+                tokio::select! {
+                    _ = stop_rx.changed() => return seen,
+                    changed = dest.changed() => if changed.is_err() { return seen },
+                }
+            }
+        }));
+    }
+    let mut stop_rx = stop.subscribe();
+    samplers.push(tokio::spawn(async move {
+        let mut seen = 0;
+        loop {
+            {
+                let b = budget.borrow_and_update();
+                assert!(b.in_use() <= total, "global limit exceeded: {b:?}");
+            }
+            seen += 1;
+            tokio::select! {
+                _ = stop_rx.changed() => return seen,
+                changed = budget.changed() => if changed.is_err() { return seen },
+            }
+        }
+    }));
+    (stop, samplers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_under_concurrent_check_ins() {
+    let servers = [
+        UpstreamServer::start(None).await,
+        UpstreamServer::start(None).await,
+        UpstreamServer::start(None).await,
+    ];
+    let mut opts = options();
+    opts.max_idle_per_dest = 3;
+    opts.max_total_idle = 5;
+    let (pool, telemetry) = spawn(opts).await;
+
+    let mut dests = Vec::new();
+    for server in &servers {
+        dests.push(pool.watch_destination(&server.target()).await.unwrap());
+    }
+    let (stop, samplers) = sample_limits(dests, pool.watch_budget().await.unwrap(), 3, 5);
+
+    // 36 sessions open at once (all misses, each starting a background dial), then all hand
+    // their connection back untouched at once: far more than either limit can take.
+    let mut sessions = Vec::new();
+    for round in 0..12 {
+        for server in &servers {
+            let pool = pool.clone();
+            let target = server.target();
+            sessions.push(tokio::spawn(async move {
+                let upstream = pool.acquire(&target).await.unwrap();
+                (round, upstream)
+            }));
+        }
+    }
+    let mut held: Vec<Upstream> = Vec::new();
+    for session in sessions {
+        held.push(session.await.unwrap().1);
+    }
+    let returns: Vec<_> =
+        held.into_iter().map(|u| tokio::spawn(async move { u.finish(true) })).collect();
+    for r in returns {
+        r.await.unwrap();
+    }
+
+    let refs: Vec<&UpstreamServer> = servers.iter().collect();
+    assert_settled(&pool, &refs).await;
+    stop.send_replace(true);
+    for sampler in samplers {
+        assert!(sampler.await.unwrap() > 1, "the sampler saw the pool change");
+    }
+
+    let stats = pool.stats().await.unwrap();
+    assert!(stats.budget.high_water <= 5, "{stats:#?}");
+    assert!(stats.per_destination.iter().all(|d| d.idle_high_water <= 3));
+    assert!(stats.total_idle <= 5);
+    assert!(stats.dropped_full + stats.evicted + stats.refill_denied > 0, "{stats:#?}");
+    // What the upstreams still hold is exactly what the pool says it holds.
+    let live: usize = servers.iter().map(UpstreamServer::live).sum();
+    assert_eq!(live, stats.total_idle);
+    assert!(!telemetry
+        .query(&EventQuery {
+            category: Some(category::POOL_LIMIT.into()),
+            severity: Some(Severity::Warning),
+            ..Default::default()
+        })
+        .is_empty());
+}
+
+#[tokio::test]
+async fn eviction_picks_the_least_recently_pooled_spare() {
+    let servers = [
+        UpstreamServer::start(None).await,
+        UpstreamServer::start(None).await,
+        UpstreamServer::start(None).await,
+    ];
+    let [x, y, z] = &servers;
+    let mut opts = options();
+    opts.refill = RefillMode::Off;
+    opts.max_idle_per_dest = 2;
+    opts.max_total_idle = 2;
+    let (pool, telemetry) = spawn(opts).await;
+
+    // Pool one spare at X, then one at Y: the budget is full, X's is the least recent.
+    for server in [x, y] {
+        let upstream = pool.acquire(&server.target()).await.unwrap();
+        upstream.finish(true);
+        wait_dest(&pool, &server.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    }
+    // A third destination's return evicts X's spare, not Y's.
+    let upstream = pool.acquire(&z.target()).await.unwrap();
+    upstream.finish(true);
+    wait_dest(&pool, &z.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    let xs = wait_dest(&pool, &x.target(), "evicted", |s| s.idle == 0).await;
+    assert_eq!(xs.counters.evicted, 1);
+    x.wait_live(|l| *l == 0).await;
+    assert_eq!(y.live(), 1);
+
+    // Now Y's is the least recent: X's next return evicts it.
+    let upstream = pool.acquire(&x.target()).await.unwrap();
+    upstream.finish(true);
+    wait_dest(&pool, &x.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    let ys = wait_dest(&pool, &y.target(), "evicted", |s| s.idle == 0).await;
+    assert_eq!(ys.counters.evicted, 1);
+    y.wait_live(|l| *l == 0).await;
+
+    assert_settled(&pool, &[x, y, z]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.evicted, 2);
+    assert_eq!(stats.total_idle, 2);
+    assert_eq!(stats.budget.high_water, 2);
+    let evictions = telemetry
+        .query(&EventQuery { category: Some(category::POOL_LIMIT.into()), ..Default::default() });
+    assert_eq!(evictions.len(), 2);
+    assert!(evictions.iter().all(|e| e.severity == Severity::Warning));
+}
+
+#[tokio::test]
+async fn a_full_destination_drops_untouched_returns_and_counts_them() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.refill = RefillMode::Off;
+    opts.max_idle_per_dest = 1;
+    let (pool, _) = spawn(opts).await;
+    let target = server.target();
+
+    let a = pool.acquire(&target).await.unwrap();
+    let b = pool.acquire(&target).await.unwrap();
+    a.finish(true);
+    wait_dest(&pool, &target, "one pooled", |s| {
+        s.idle == 1 && s.in_use == 1 && s.awaiting_slots == 0
+    })
+    .await;
+    b.finish(true);
+    let stats = wait_dest(&pool, &target, "settled", |s| s.is_quiet()).await;
+    assert_eq!(stats.idle, 1);
+    assert_eq!(stats.counters.dropped_full, 1);
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn cold_destinations_are_pruned_and_their_history_kept() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.refill = RefillMode::Off;
+    let (pool, _) = spawn(opts).await;
+    let target = server.target();
+
+    let mut upstream = pool.acquire(&target).await.unwrap();
+    who(&mut upstream.stream).await;
+    upstream.finish(false);
+    wait_dest(&pool, &target, "quiet", |s| s.is_quiet()).await;
+    let manager = pool.manager_of(&target).await.unwrap().expect("a manager");
+
+    tokio::time::pause();
+    let report = pool.run_janitor().await.unwrap();
+    assert_eq!((report.pruned, report.destinations), (0, 1), "traffic was recent");
+    tokio::time::advance(Duration::from_secs(31)).await;
+    let report = pool.run_janitor().await.unwrap();
+    assert_eq!((report.pruned, report.destinations), (1, 0));
+    tokio::time::resume();
+
+    manager.wait(Some(PATIENCE)).await.unwrap();
+    assert!(pool.manager_of(&target).await.unwrap().is_none());
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.destinations, 0);
+    assert_eq!(stats.destinations_pruned, 1);
+    assert_eq!((stats.pool_misses, stats.total_created), (1, 1));
+
+    // The destination comes back on demand.
+    let again = pool.acquire(&target).await.unwrap();
+    again.finish(false);
+    assert_eq!(pool.stats().await.unwrap().destinations, 1);
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn a_destination_with_spares_is_not_pruned() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.idle_timeout = Duration::from_secs(600);
+    let (pool, _) = spawn(opts).await;
+    let target = server.target();
+    pool.acquire(&target).await.unwrap().finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1 && s.is_quiet()).await;
+
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let report = pool.run_janitor().await.unwrap();
+    tokio::time::resume();
+    assert_eq!((report.pruned, report.expired, report.destinations), (0, 0, 1));
+    assert_settled(&pool, &[&server]).await;
+}
+
+async fn assert_restarted(pool: &Pool, target: &TargetAddr, old_id: ractor::ActorId) {
+    let new = pool.manager_of(target).await.unwrap().expect("a new manager");
+    assert_ne!(new.get_id(), old_id);
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.manager_restarts, 1);
+}
+
+#[tokio::test]
+async fn a_killed_manager_is_restarted_and_clients_are_still_served() {
+    let server = UpstreamServer::start(None).await;
+    let (pool, telemetry) = spawn(options()).await;
+    let target = server.target();
+    pool.acquire(&target).await.unwrap().finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1 && s.is_quiet()).await;
+
+    let manager = pool.manager_of(&target).await.unwrap().expect("a manager");
+    let old_id = manager.get_id();
+    manager.kill_and_wait(Some(PATIENCE)).await.unwrap();
+    // Its spare died with it, really closed.
+    server.wait_live(|l| *l == 0).await;
+    assert_restarted(&pool, &target, old_id).await;
+    let errors = telemetry.query(&EventQuery {
+        category: Some(category::POOL_SUPERVISOR.into()),
+        severity: Some(Severity::Error),
+        ..Default::default()
+    });
+    assert_eq!(errors.len(), 1);
+
+    let mut next = pool.acquire(&target).await.unwrap();
+    assert!(who(&mut next.stream).await >= 2, "a new connection");
+    next.finish(false);
+    assert_settled(&pool, &[&server]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.pool_misses, 2, "history carried over the restart");
+    assert_eq!(stats.budget.pooled, stats.total_idle);
+}
+
+#[tokio::test]
+async fn a_panicking_manager_is_restarted() {
+    let server = UpstreamServer::start(None).await;
+    let (pool, _) = spawn(options()).await;
+    let target = server.target();
+    pool.acquire(&target).await.unwrap().finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1 && s.is_quiet()).await;
+
+    let manager = pool.manager_of(&target).await.unwrap().expect("a manager");
+    let old_id = manager.get_id();
+    assert!(manager.cast(ManagerMsg::InjectFault(Fault::Panic("test".into()))).is_ok());
+    manager.wait(Some(PATIENCE)).await.unwrap();
+    server.wait_live(|l| *l == 0).await;
+    assert_restarted(&pool, &target, old_id).await;
+
+    // The new manager pools again: a miss, then a hit.
+    pool.acquire(&target).await.unwrap().finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1).await;
+    let hit = pool.acquire(&target).await.unwrap();
+    assert_eq!(hit.origin, Origin::Pooled);
+    hit.finish(false);
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn a_wedged_manager_makes_clients_dial_directly() {
+    let server = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.checkout_timeout = Duration::from_millis(100);
+    let (pool, telemetry) = spawn(opts).await;
+    let target = server.target();
+    pool.acquire(&target).await.unwrap().finish(false);
+    wait_dest(&pool, &target, "a spare", |s| s.idle == 1 && s.is_quiet()).await;
+
+    let manager = pool.manager_of(&target).await.unwrap().expect("a manager");
+    assert!(manager.cast(ManagerMsg::InjectFault(Fault::Stall(Duration::from_secs(1)))).is_ok());
+    let mut direct = pool.acquire(&target).await.unwrap();
+    assert_eq!(direct.origin, Origin::Dialed);
+    assert_eq!(who(&mut direct.stream).await, 2, "a fresh connection");
+    direct.finish(false);
+    assert_eq!(pool.fallback_dials(), 1);
+    assert_eq!(pool.stats().await.unwrap().fallback_dials, 1);
+    assert_eq!(
+        telemetry
+            .query(&EventQuery {
+                category: Some(category::POOL_FALLBACK.into()),
+                ..Default::default()
+            })
+            .len(),
+        1
+    );
+    // After its stall the manager sees that nobody waits for that checkout any more and skips
+    // it: the spare is kept, and no lease is left counted.
+    let stats =
+        wait_dest(&pool, &target, "the late checkout skipped", |s| s.counters.abandoned == 1).await;
+    assert_eq!((stats.idle, stats.in_use, stats.counters.hits), (1, 0, 0));
+    assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn a_dead_pool_never_fails_a_client() {
+    let server = UpstreamServer::start(None).await;
+    let (pool, _) = spawn(options()).await;
+    pool.shutdown().await;
+    let mut direct = pool.acquire(&server.target()).await.unwrap();
+    assert_eq!(direct.origin, Origin::Dialed);
+    assert_eq!(who(&mut direct.stream).await, 0);
+    direct.finish(false);
+    assert_eq!(pool.fallback_dials(), 1);
+    server.wait_live(|l| *l == 0).await;
+}
+
+#[tokio::test]
+async fn background_dial_failures_are_counted_logged_and_backed_off() {
+    let server = UpstreamServer::start(None).await;
+    let dialer = Arc::new(ScriptedDialer::default());
+    dialer.mode.store(FAIL, Ordering::SeqCst);
+    let (pool, telemetry) = spawn_with(options(), dialer.clone()).await;
+    let target = server.target();
+
+    // The destination is down: the client gets the error (the pool does not hide it), and the
+    // background dial its miss started fails too.
+    assert!(pool.acquire(&target).await.is_err());
+    let stats = wait_dest(&pool, &target, "the dial failed", |s| {
+        s.is_quiet() && s.counters.connect_failures == 2
+    })
+    .await;
+    assert!(stats.backing_off);
+    assert_eq!(dialer.calls.load(Ordering::SeqCst), 2);
+    let errors = telemetry
+        .query(&EventQuery { category: Some(category::POOL_DIAL.into()), ..Default::default() });
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].severity, Severity::Error);
+    assert!(errors[0].details.contains_key("backoff_ms"));
+
+    // While backing off, a miss dials for its client but starts no background dial.
+    assert!(pool.acquire(&target).await.is_err());
+    wait_dest(&pool, &target, "quiet", |s| s.is_quiet() && s.counters.connect_failures == 3).await;
+    assert_eq!(dialer.calls.load(Ordering::SeqCst), 3);
+    assert_settled(&pool, &[&server]).await;
+    assert_eq!(server.accepted(), 0);
+}
+
+#[tokio::test]
+async fn a_hanging_dialer_cannot_leave_creates_pending() {
+    let server = UpstreamServer::start(None).await;
+    let dialer = Arc::new(ScriptedDialer::default());
+    dialer.mode.store(HANG, Ordering::SeqCst);
+    let mut opts = options();
+    opts.connect_timeout = Duration::from_millis(200);
+    let (pool, _) = spawn_with(opts, dialer.clone()).await;
+    let target = server.target();
+
+    let error = pool.acquire(&target).await.err().expect("a timeout");
+    assert_eq!(error.reply_code(), poolsocks::socks::ReplyCode::TtlExpired);
+    let stats = wait_dest(&pool, &target, "the dial timed out", |s| {
+        s.is_quiet() && s.counters.connect_failures == 2
+    })
+    .await;
+    assert_eq!(stats.pending_creates, 0);
+    assert_settled(&pool, &[&server]).await;
+}
