@@ -36,9 +36,21 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|kib| kib.parse().ok())
 }
 
-/// Summed RSS of a process and its children (Dante serves clients from child processes).
+/// Proportional set size in KiB (shared pages divided among their sharers), falling back to RSS.
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok();
+    rollup
+        .as_deref()
+        .and_then(|text| text.lines().find_map(|line| line.strip_prefix("Pss:")))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .or_else(|| rss_kib(pid))
+}
+
+/// Summed PSS of a process and its children. Dante serves clients from forked children that
+/// share most pages; summing their RSS would count those pages once per child.
 pub fn tree_rss_kib(pid: u32) -> Option<u64> {
-    let mut total = rss_kib(pid)?;
+    let mut total = pss_kib(pid)?;
     let mut stack = vec![pid];
     let mut guard = 0;
     // Bounded walk: a process tree deeper or wider than this is not one we started.
@@ -52,7 +64,7 @@ pub fn tree_rss_kib(pid: u32) -> Option<u64> {
             continue;
         };
         for child in children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()) {
-            total += rss_kib(child).unwrap_or(0);
+            total += pss_kib(child).unwrap_or(0);
             stack.push(child);
         }
     }

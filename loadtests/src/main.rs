@@ -45,13 +45,13 @@ fn main() {
     let outcome = runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => {
-                let json = args.record.json.clone();
+                let (json, strict) = (args.record.json.clone(), args.record.fail_on_errors);
                 let record = run::run(args).await?;
                 run::print_summary(&record);
-                finish(record, json)
+                finish(record, json, strict)
             }
             Command::Bulk(args) => {
-                let json = args.record.json.clone();
+                let (json, strict) = (args.record.json.clone(), args.record.fail_on_errors);
                 let record = bulk::bulk(args).await?;
                 println!(
                     "{} [{}]: {} MiB in {:.2} s = {:.0} MiB/s",
@@ -61,10 +61,10 @@ fn main() {
                     record.duration_secs,
                     record.mib_per_sec
                 );
-                finish(record, json)
+                finish(record, json, strict)
             }
             Command::Hold(args) => {
-                let json = args.record.json.clone();
+                let (json, strict) = (args.record.json.clone(), args.record.fail_on_errors);
                 let record = hold::hold(args).await?;
                 println!(
                     "{} [{}]: {} of {} sessions held, {} still answering after the idle period; proxy RSS {} -> {} KiB ({:.1} KiB per session)",
@@ -77,7 +77,7 @@ fn main() {
                     record.rss_held_kib,
                     record.kib_per_session
                 );
-                finish(record, json)
+                finish(record, json, strict)
             }
             Command::Upstream(args) => upstream::serve(args).await,
             Command::Report(args) => report::report(args),
@@ -89,9 +89,13 @@ fn main() {
     }
 }
 
-/// Writes the JSON record if asked, and fails the command when every unit of work failed, so
-/// scripts notice a broken configuration.
-fn finish(record: RunRecord, json: Option<std::path::PathBuf>) -> Result<(), String> {
+/// Writes the JSON record if asked, and fails the command when every unit of work failed (or
+/// any, with --fail-on-errors), so scripts notice a broken configuration.
+fn finish(
+    record: RunRecord,
+    json: Option<std::path::PathBuf>,
+    strict: bool,
+) -> Result<(), String> {
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;
@@ -102,6 +106,14 @@ fn finish(record: RunRecord, json: Option<std::path::PathBuf>) -> Result<(), Str
             "{}: nothing succeeded ({} errors)",
             record.label,
             record.error_total()
+        ));
+    }
+    if strict && record.error_total() > 0 {
+        return Err(format!(
+            "{}: {} errors: {:?}",
+            record.label,
+            record.error_total(),
+            record.errors
         ));
     }
     Ok(())

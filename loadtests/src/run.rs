@@ -63,6 +63,9 @@ pub struct RecordArgs {
     /// Write the full record (including the latency CDF) as JSON here.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Exit non-zero if any unit of work failed (smoke runs); by default only if all did.
+    #[arg(long)]
+    pub fail_on_errors: bool,
 }
 
 #[derive(Debug, Clone, clap::Args)]

@@ -1,0 +1,376 @@
+#!/usr/bin/env bash
+# Load scenarios of issue 10, side by side in one run: direct, poolsocks (pool off, pool on with
+# default and tuned limits), Dante and microsocks.
+#
+#   bash loadtests/run.sh                 full run (~15-20 min), tables and plots in loadtests/results/
+#   bash loadtests/run.sh --smoke         every scenario that can run here, ~1-2 s each (CI);
+#                                         results go to a temporary folder, the tree stays clean
+#   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
+#
+# Scenarios: distant-10ms, distant-50ms, requests-per-session, fast-local, bulk, idle-sessions,
+# many-destinations. The distant ones need root and /dev/net/tun (a TUN delay line into a network
+# namespace); they are skipped with a message where that is not possible. Traffic goes only to
+# loopback and to 198.18.0.0/15 inside the namespace. Every process started here is stopped on
+# exit, and each has its own time limit as well.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+LT="$ROOT/loadtests"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+LOADGEN="$TARGET_DIR/release/loadgen"
+DELAYLINE="$TARGET_DIR/release/delayline"
+POOLSOCKS="$TARGET_DIR/release/poolsocks"
+
+SMOKE=0
+ROUNDS=""
+ONLY=""
+KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --smoke) SMOKE=1 ;;
+    --rounds) ROUNDS="$2"; shift ;;
+    --only) ONLY="$2"; shift ;;
+    --keep) KEEP=1 ;;
+    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+if [ "$SMOKE" = 1 ]; then
+  ROUNDS=${ROUNDS:-1}; DURATION=1; WARMUP=0.3; BULK_MIB=64; HOLD_SESSIONS=200; HOLD_SECS=1
+  STRICT=(--fail-on-errors)
+else
+  ROUNDS=${ROUNDS:-2}; DURATION=5; WARMUP=1; BULK_MIB=4096; HOLD_SESSIONS=10000; HOLD_SECS=5
+  STRICT=()
+fi
+WORK=$(mktemp -d /tmp/poolsocks-loadtests.XXXXXX)
+if [ "$SMOKE" = 1 ]; then OUT="$WORK/results"; else OUT="$LT/results"; fi
+RAW="$WORK/raw"
+mkdir -p "$OUT" "$RAW"
+
+# Fixed ports below 16384: the ephemeral range is moved to 16384-65000 during the run.
+FAST_UPSTREAM=127.0.0.1:14080
+MANY_UPSTREAM=127.0.0.1:12000-12999
+NS=poolsocks-lt
+NEAR_IF=ltnear0
+FAR_IF=ltfar0
+NEAR_ADDR=198.18.0.1
+FAR_ADDR=198.18.1.1
+FAR_UPSTREAM=$FAR_ADDR:80
+declare -A PROXY_PORT=([pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106)
+declare -A STATS_PORT=([pool-off]=14111 [pool-default]=14112 [pool-tuned]=14113)
+CONFIGS=(direct pool-off pool-default pool-tuned dante microsocks)
+
+PIDS=()
+FAILED=()
+SKIPPED=()
+NOTES=()
+SAVED_PORT_RANGE=""
+SAVED_TW_REUSE=""
+START=$SECONDS
+
+say() { printf '[run.sh %4ss] %s\n' "$((SECONDS - START))" "$*" >&2; }
+skip() { say "SKIP: $*"; SKIPPED+=("$*"); }
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  ip netns del "$NS" 2>/dev/null || true
+  if [ -n "$SAVED_PORT_RANGE" ]; then sysctl -qw net.ipv4.ip_local_port_range="$SAVED_PORT_RANGE" || true; fi
+  if [ -n "$SAVED_TW_REUSE" ]; then sysctl -qw net.ipv4.tcp_tw_reuse="$SAVED_TW_REUSE" || true; fi
+  if [ "$KEEP" = 1 ]; then say "raw records kept in $RAW"; else rm -rf "$RAW"; fi
+}
+trap cleanup EXIT
+
+wanted() { [ -z "$ONLY" ] || [[ ",$ONLY," == *",$1,"* ]]; }
+
+# Waits until something accepts on HOST:PORT (up to ~5 s).
+wait_port() {
+  local host=$1 port=$2 i
+  for i in $(seq 1 50); do
+    if timeout 0.5 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  return 1
+}
+
+port_free() { ! timeout 0.5 bash -c "exec 3<>/dev/tcp/127.0.0.1/$1" 2>/dev/null; }
+
+stop_pid() {
+  local pid=$1 i
+  kill "$pid" 2>/dev/null || true
+  for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- build and peers
+say "building loadgen, delayline and poolsocks (release)"
+(cd "$ROOT" && cargo build --release -p loadgen --bins) || { say "FAIL: loadgen does not build"; exit 1; }
+if ! (cd "$ROOT" && cargo build --release -p poolsocks --bin poolsocks); then
+  say "poolsocks does not build: its configurations are skipped"
+fi
+HAVE=(direct)
+if [ -x "$POOLSOCKS" ]; then
+  HAVE+=(pool-off pool-default pool-tuned)
+else
+  skip "poolsocks: no $POOLSOCKS (daemon not built); pool-off/pool-default/pool-tuned skipped"
+fi
+
+install_peer() { # binary package
+  command -v "$1" >/dev/null && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then return 1; fi
+  say "installing $2"
+  DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "$2" >/dev/null 2>&1 && return 0
+  timeout 300 apt-get update -qq >/dev/null 2>&1 || true
+  DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "$2" >/dev/null 2>&1
+}
+if install_peer danted dante-server; then HAVE+=(dante); else skip "Dante: danted missing and dante-server could not be installed"; fi
+if install_peer microsocks microsocks; then HAVE+=(microsocks); else skip "microsocks: missing and could not be installed"; fi
+say "configurations: ${HAVE[*]}"
+
+for port in 14080 14101 14102 14103 14105 14106 14111 14112 14113; do
+  port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14113 free"; exit 1; }
+done
+
+if [ "$(id -u)" = 0 ]; then
+  # Many short sessions: more ephemeral ports, and TIME_WAIT ports reused for new outgoing
+  # connections (loopback already does that; the delay-line addresses do not). Restored on exit.
+  SAVED_PORT_RANGE=$(sysctl -n net.ipv4.ip_local_port_range | tr '\t' ' ')
+  SAVED_TW_REUSE=$(sysctl -n net.ipv4.tcp_tw_reuse)
+  sysctl -qw net.ipv4.ip_local_port_range="16384 65000"
+  sysctl -qw net.ipv4.tcp_tw_reuse=1
+fi
+
+# ---------------------------------------------------------------- proxies
+# Writes the Dante config for an external (outgoing) address.
+dante_conf() {
+  cat > "$WORK/danted-$1.conf" <<EOF
+logoutput: $WORK/danted.log
+internal: 127.0.0.1 port = ${PROXY_PORT[dante]}
+external: $1
+clientmethod: none
+socksmethod: none
+user.privileged: root
+user.unprivileged: nobody
+client pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }
+socks pass { from: 127.0.0.0/8 to: 0.0.0.0/0 }
+EOF
+}
+
+# Starts proxy $1 with outgoing address $2; sets PROXY_PID (empty for direct).
+start_proxy() {
+  local cfg=$1 external=$2
+  PROXY_PID=""
+  case "$cfg" in
+    direct) return 0 ;;
+    pool-*) "$POOLSOCKS" --config "$LT/configs/$cfg.toml" >"$WORK/$cfg.log" 2>&1 & ;;
+    dante) dante_conf "$external"; danted -f "$WORK/danted-$external.conf" -p "$WORK/danted.pid" >>"$WORK/dante.log" 2>&1 & ;;
+    microsocks) microsocks -i 127.0.0.1 -p "${PROXY_PORT[microsocks]}" >"$WORK/microsocks.log" 2>&1 & ;;
+  esac
+  PROXY_PID=$!
+  PIDS+=("$PROXY_PID")
+  if ! wait_port 127.0.0.1 "${PROXY_PORT[$cfg]}"; then
+    say "FAIL: $cfg did not start listening; its log:"; tail -5 "$WORK/$cfg.log" "$WORK/dante.log" 2>/dev/null >&2 || true
+    stop_pid "$PROXY_PID"; PROXY_PID=""
+    return 1
+  fi
+}
+
+route_args() { # cfg
+  if [ "$1" = direct ]; then echo --direct; else echo --proxy "127.0.0.1:${PROXY_PORT[$1]}"; fi
+}
+
+# Runs `loadgen $mode ...` against every configuration, ROUNDS times, interleaved.
+# usage: measure SCENARIO EXTERNAL_ADDR MODE [loadgen args...]
+measure() {
+  local scenario=$1 external=$2 mode=$3; shift 3
+  local round cfg dir="$RAW/$scenario" args
+  mkdir -p "$dir"
+  for round in $(seq 1 "$ROUNDS"); do
+    for cfg in "${HAVE[@]}"; do
+      if [ "$mode" = hold ] && [ "$cfg" = direct ]; then continue; fi
+      start_proxy "$cfg" "$external" || { FAILED+=("$scenario/$cfg: proxy did not start"); continue; }
+      args=($(route_args "$cfg"))
+      if [ "$mode" = hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi
+      if [ "$scenario" = many-destinations ] && [ -n "${STATS_PORT[$cfg]:-}" ]; then
+        args+=(--sample-url "127.0.0.1:${STATS_PORT[$cfg]}/api/pool/stats")
+      fi
+      local strict=()
+      # Our own daemon and the baseline must not fail in smoke runs; the peers' hiccups are
+      # reported in the tables but are not our regression.
+      case "$cfg" in direct|pool-*) strict=("${STRICT[@]}") ;; esac
+      say "$scenario round $round/$ROUNDS: $cfg"
+      if ! timeout 600 "$LOADGEN" "$mode" "${args[@]}" "$@" "${strict[@]}" --label "$cfg" \
+          --scenario "$scenario" --round "$round" --json "$dir/$cfg-r$round-$RANDOM.json"; then
+        FAILED+=("$scenario/$cfg round $round")
+        say "FAIL: $scenario/$cfg round $round"
+      fi
+      if [ -n "$PROXY_PID" ]; then stop_pid "$PROXY_PID"; fi
+    done
+  done
+}
+
+report() { # scenario description [extra report args]
+  local scenario=$1 description=$2; shift 2
+  [ -d "$RAW/$scenario" ] || return 0
+  local notes="Machine: $(nproc) cores, $(uname -r); load generator on the same machine (1 runtime thread). Run $(date -u +%Y-%m-%dT%H:%MZ)."
+  [ "$SMOKE" = 1 ] && notes+=" SMOKE run: figures are not meaningful."
+  [ ${#SKIPPED[@]} -gt 0 ] && notes+=" Skipped: $(IFS=';'; echo "${SKIPPED[*]}")."
+  [ ${#NOTES[@]} -gt 0 ] && notes+=" $(IFS=' '; echo "${NOTES[*]}")"
+  "$LOADGEN" report --input "$RAW/$scenario" --out "$OUT" --scenario "$scenario" \
+    --description "$description" --notes "$notes" "$@" || FAILED+=("$scenario: report")
+}
+
+start_upstream() { # listen-spec name [netns]
+  local spec=$1 name=$2 ns=${3:-}
+  if [ -n "$ns" ]; then
+    ip netns exec "$ns" "$LOADGEN" upstream --listen "$spec" --duration 3600 \
+      --stats-file "$WORK/$name.stats.json" >"$WORK/$name.log" 2>&1 &
+  else
+    "$LOADGEN" upstream --listen "$spec" --duration 3600 \
+      --stats-file "$WORK/$name.stats.json" >"$WORK/$name.log" 2>&1 &
+  fi
+  UPSTREAM_PID=$!
+  PIDS+=("$UPSTREAM_PID")
+}
+
+# ---------------------------------------------------------------- delay line
+DELAY_PID=""
+FAR_UPSTREAM_PID=""
+delay_ok=1
+if [ "$(id -u)" != 0 ] || [ ! -c /dev/net/tun ] || ! command -v ip >/dev/null; then
+  delay_ok=0
+  skip "distant scenarios: need root, /dev/net/tun and iproute2 for the TUN delay line"
+fi
+
+# Brings up the delay line with RTT $1 ms and an upstream inside the namespace.
+delay_up() {
+  delay_down
+  ip netns del "$NS" 2>/dev/null || true
+  ip netns add "$NS" || return 1
+  "$DELAYLINE" --netns "$NS" --rtt-ms "$1" --near-if "$NEAR_IF" --far-if "$FAR_IF" \
+    --near-addr "$NEAR_ADDR" --far-addr "$FAR_ADDR" --duration 3600 >"$WORK/delayline.log" 2>&1 &
+  DELAY_PID=$!
+  PIDS+=("$DELAY_PID")
+  local i
+  for i in $(seq 1 50); do grep -q '^ready' "$WORK/delayline.log" 2>/dev/null && break; sleep 0.1; done
+  if ! grep -q '^ready' "$WORK/delayline.log"; then
+    say "delay line failed: $(tail -2 "$WORK/delayline.log")"; delay_down; return 1
+  fi
+  start_upstream "$FAR_UPSTREAM" far "$NS"
+  FAR_UPSTREAM_PID=$UPSTREAM_PID
+  wait_port "$FAR_ADDR" 80 || { say "upstream in the namespace did not come up"; delay_down; return 1; }
+}
+
+delay_down() {
+  if [ -n "$FAR_UPSTREAM_PID" ]; then stop_pid "$FAR_UPSTREAM_PID"; FAR_UPSTREAM_PID=""; fi
+  if [ -n "$DELAY_PID" ]; then stop_pid "$DELAY_PID"; DELAY_PID=""; fi
+  ip netns del "$NS" 2>/dev/null || true
+}
+
+# The line itself: a one-request direct session must cost ~2 RTT, a request on an open
+# connection ~1 RTT. Recorded in results/delay-line-check.md.
+check_line() { # rtt
+  local rtt=$1 json="$WORK/line-check-$1.json" line
+  "$LOADGEN" run --direct --target "$FAR_UPSTREAM" -c 1 -d "$DURATION" -n 5 --label line-check \
+    --json "$json" >/dev/null 2>&1 || return 1
+  line=$(python3 - "$json" "$rtt" <<'EOF' 2>/dev/null || true
+import json, sys
+r = json.load(open(sys.argv[1])); rtt = float(sys.argv[2])
+s, q = r["session_latency"], r["request_latency"]
+first = (s["p50_us"] - 4 * q["p50_us"]) / 1000  # connect + first request, from 5-request sessions
+print(f"| {rtt:g} ms | {q['p50_us']/1000:.2f} ms ({q['p50_us']/1000/rtt:.2f} RTT) | {first:.2f} ms ({first/rtt:.2f} RTT) |")
+EOF
+)
+  if [ -z "$line" ]; then
+    # Without python: one-request sessions give the connect + request figure directly.
+    line="| $rtt ms | see raw record | see raw record |"
+  fi
+  "$LOADGEN" run --direct --target "$FAR_UPSTREAM" -c 1 -d "$DURATION" -n 1 --label line-check-1 \
+    --json "$WORK/line-check1-$rtt.json" > "$WORK/line-check1-$rtt.txt" 2>/dev/null || return 1
+  LINE_ROWS+=("$line $(grep -o 'p50 [0-9.]* ms' "$WORK/line-check1-$rtt.txt" | head -1 | sed 's/p50 //') |")
+}
+LINE_ROWS=()
+
+distant() { # rtt
+  local rtt=$1 scenario="distant-$1ms"
+  delay_up "$rtt" || { skip "$scenario: delay line could not start"; return 0; }
+  check_line "$rtt" || FAILED+=("delay line check at $rtt ms")
+  measure "$scenario" "$NEAR_ADDR" run --target "$FAR_UPSTREAM" -c 16 -d "$DURATION" \
+    --warmup "$WARMUP" -n 1 --upstream-stats "$FAR_UPSTREAM"
+  report "$scenario" "One destination behind a ${rtt} ms RTT delay line (TUN, userspace), 16 closed-loop clients, 1 HTTP request per SOCKS session, ${DURATION} s after ${WARMUP} s warm-up. Latency is the whole session (connect, SOCKS, request, response). \"upstream conns / session\" is counted by the upstream server itself." --rtt-ms "$rtt"
+}
+
+if [ "$delay_ok" = 1 ]; then
+  for rtt in 10 50; do
+    wanted "distant-${rtt}ms" && distant "$rtt"
+  done
+  if wanted requests-per-session; then
+    if delay_up 10; then
+      for n in 1 2 5; do
+        measure requests-per-session "$NEAR_ADDR" run --target "$FAR_UPSTREAM" -c 16 \
+          -d "$DURATION" --warmup "$WARMUP" -n "$n" --upstream-stats "$FAR_UPSTREAM"
+      done
+      report requests-per-session "10 ms RTT delay line, 16 clients, 1, 2 and 5 keep-alive requests per SOCKS session: the pool saves one RTT per session, a smaller share as sessions get longer. Latency is the whole session." --rtt-ms 10
+    else
+      skip "requests-per-session: delay line could not start"
+    fi
+  fi
+  delay_down
+  if [ ${#LINE_ROWS[@]} -gt 0 ]; then
+    {
+      echo "# delay-line check"
+      echo
+      echo "The TUN delay line (loadtests/src/bin/delayline.rs) measured with \`loadgen run --direct\`, 1 client."
+      echo "A request on an established connection should cost ~1 RTT; connect + first request ~2 RTT."
+      echo
+      echo "| RTT | request on an open connection (p50) | connect + first request (p50, from 5-request sessions) | one-request session (p50) |"
+      echo "|---|---|---|---|"
+      printf '%s\n' "${LINE_ROWS[@]}"
+    } > "$OUT/delay-line-check.md"
+  fi
+fi
+
+# ---------------------------------------------------------------- loopback scenarios
+if wanted fast-local || wanted bulk || wanted idle-sessions; then
+  start_upstream "$FAST_UPSTREAM" fast
+  wait_port 127.0.0.1 14080 || { say "FAIL: upstream did not start"; exit 1; }
+  if wanted fast-local; then
+    measure fast-local 127.0.0.1 run --target "$FAST_UPSTREAM" -c 16 -d "$DURATION" \
+      --warmup "$WARMUP" -n 1 --upstream-stats "$FAST_UPSTREAM"
+    report fast-local "Loopback destination that answers at once, 16 closed-loop clients, 1 request per SOCKS session, ${DURATION} s after ${WARMUP} s warm-up: the proxy's own cost per session."
+  fi
+  if wanted bulk; then
+    measure bulk 127.0.0.1 bulk --target "$FAST_UPSTREAM" --mib "$BULK_MIB"
+    report bulk "One ${BULK_MIB} MiB download over loopback through each proxy (HTTP body of zeros from the loadgen upstream)."
+  fi
+  if wanted idle-sessions; then
+    measure idle-sessions 127.0.0.1 hold --target "$FAST_UPSTREAM" --sessions "$HOLD_SESSIONS" \
+      --hold "$HOLD_SECS"
+    report idle-sessions "${HOLD_SESSIONS} SOCKS sessions opened (each proves itself with one request) and held idle ${HOLD_SECS} s; memory per session = (proxy memory while holding - before) / sessions held, as PSS (proportional set size, so pages shared by Dante's forked children count once), children included."
+  fi
+  stop_pid "$UPSTREAM_PID"
+fi
+
+if wanted many-destinations; then
+  start_upstream "$MANY_UPSTREAM" many
+  wait_port 127.0.0.1 12999 || { say "FAIL: upstream on 1,000 ports did not start"; exit 1; }
+  measure many-destinations 127.0.0.1 run --target "$MANY_UPSTREAM" -c 16 -d "$DURATION" \
+    --warmup "$WARMUP" -n 1 --upstream-stats 127.0.0.1:12000
+  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running. The upstream column counts port 12000's server process, which serves all 1,000 ports."
+  stop_pid "$UPSTREAM_PID"
+fi
+
+say "scenario 7 (actor overhead) is a benchmark of the pool library, not part of this script"
+
+# ---------------------------------------------------------------- summary
+say "done in $((SECONDS - START)) s; results in $OUT"
+for s in "${SKIPPED[@]}"; do say "skipped: $s"; done
+if [ ${#FAILED[@]} -gt 0 ]; then
+  for f in "${FAILED[@]}"; do say "FAILED: $f"; done
+  exit 1
+fi
+exit 0
