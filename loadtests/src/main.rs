@@ -91,11 +91,7 @@ fn main() {
 
 /// Writes the JSON record if asked, and fails the command when every unit of work failed (or
 /// any, with --fail-on-errors), so scripts notice a broken configuration.
-fn finish(
-    record: RunRecord,
-    json: Option<std::path::PathBuf>,
-    strict: bool,
-) -> Result<(), String> {
+fn finish(record: RunRecord, json: Option<std::path::PathBuf>, strict: bool) -> Result<(), String> {
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
         std::fs::write(&path, text).map_err(|e| format!("write {}: {e}", path.display()))?;

@@ -37,14 +37,8 @@ pub struct ReportArgs {
 }
 
 /// Fixed order for the known configurations; others follow alphabetically.
-const ORDER: [&str; 6] = [
-    "direct",
-    "pool-off",
-    "pool-default",
-    "pool-tuned",
-    "dante",
-    "microsocks",
-];
+const ORDER: [&str; 6] =
+    ["direct", "pool-off", "pool-default", "pool-tuned", "dante", "microsocks"];
 
 fn order_key(label: &str) -> (usize, String) {
     let index = ORDER.iter().position(|l| *l == label).unwrap_or(ORDER.len());
@@ -78,11 +72,7 @@ impl Group<'_> {
         };
         if self.lower_is_better() {
             // A run that held nothing has no meaningful per-session figure.
-            self.runs
-                .iter()
-                .filter(|r| r.held > 0)
-                .min_by(better)
-                .copied()
+            self.runs.iter().filter(|r| r.held > 0).min_by(better).copied()
         } else {
             self.runs.iter().max_by(better).copied()
         }
@@ -105,10 +95,7 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
     // Variants of one scenario (e.g. 1, 2 and 5 requests per session) get a table each.
     let mut variants: BTreeMap<u32, Vec<&RunRecord>> = BTreeMap::new();
     for record in &records {
-        variants
-            .entry(record.requests_per_session)
-            .or_default()
-            .push(record);
+        variants.entry(record.requests_per_session).or_default().push(record);
     }
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", args.scenario);
@@ -124,16 +111,10 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
     );
     for (requests_per_session, group_records) in &variants {
         let groups = group(group_records);
-        let mode = groups
-            .first()
-            .and_then(|g| g.runs.first())
-            .map(|r| r.mode.clone())
-            .unwrap_or_default();
-        let suffix = if variants.len() > 1 {
-            format!("-n{requests_per_session}")
-        } else {
-            String::new()
-        };
+        let mode =
+            groups.first().and_then(|g| g.runs.first()).map(|r| r.mode.clone()).unwrap_or_default();
+        let suffix =
+            if variants.len() > 1 { format!("-n{requests_per_session}") } else { String::new() };
         if variants.len() > 1 {
             let _ = writeln!(md, "## {requests_per_session} request(s) per session\n");
         }
@@ -181,15 +162,9 @@ fn load(dir: &Path) -> Result<Vec<RunRecord>, String> {
 fn group<'a>(records: &[&'a RunRecord]) -> Vec<Group<'a>> {
     let mut by_label: BTreeMap<(usize, String), Vec<&'a RunRecord>> = BTreeMap::new();
     for record in records {
-        by_label
-            .entry(order_key(&record.label))
-            .or_default()
-            .push(record);
+        by_label.entry(order_key(&record.label)).or_default().push(record);
     }
-    by_label
-        .into_iter()
-        .map(|((_, label), runs)| Group { label, runs })
-        .collect()
+    by_label.into_iter().map(|((_, label), runs)| Group { label, runs }).collect()
 }
 
 /// `ours / theirs` of the best figures, or a dash when either is missing.
@@ -218,11 +193,7 @@ fn errors_text(group: &Group) -> String {
     if total.is_empty() {
         "0".into()
     } else {
-        total
-            .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        total.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -231,11 +202,7 @@ fn ms(us: u64) -> String {
 }
 
 fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
-    let rtt_col = if args.rtt_ms.is_some() {
-        " p50 (RTT) |"
-    } else {
-        ""
-    };
+    let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) |" } else { "" };
     let _ = writeln!(
         md,
         "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | errors |",
@@ -337,10 +304,7 @@ fn hold_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
         let worst = group.runs.iter().min_by_key(|r| r.held);
         let (min, max) = group.spread();
         let (held, alive) = worst.map_or(("—".into(), "—".into()), |w| {
-            (
-                format!("{} / {}", w.held, w.attempted),
-                format!("{}", w.still_alive),
-            )
+            (format!("{} / {}", w.held, w.attempted), format!("{}", w.still_alive))
         });
         let (best_kib, rss) = match group.best() {
             Some(b) if b.rss_held_kib > 0 => (
@@ -430,11 +394,8 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
         .iter()
         .filter_map(|g| {
             let lat = g.best()?.session_latency.clone()?;
-            let points = lat
-                .cdf
-                .iter()
-                .map(|(us, q)| ((*us as f64 / 1000.0).max(0.001), *q))
-                .collect();
+            let points =
+                lat.cdf.iter().map(|(us, q)| ((*us as f64 / 1000.0).max(0.001), *q)).collect();
             Some((g.label.clone(), points))
         })
         .collect();
@@ -446,10 +407,7 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{title}: session latency CDF (best round)"),
-            ("sans-serif", 18),
-        )
+        .caption(format!("{title}: session latency CDF (best round)"), ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
