@@ -100,7 +100,14 @@ impl UpstreamServer {
     /// Closes every connection accepted so far, from the server side.
     fn close_all(&self) -> usize {
         let mut closers = self.shared.closers.lock().unwrap();
-        closers.iter_mut().filter_map(Option::take).map(|c| c.send(())).count()
+        let mut closed = 0;
+        for closer in closers.iter_mut().filter_map(Option::take) {
+            // A connection that already ended has dropped its receiver: nothing to close.
+            if closer.send(()).is_ok() {
+                closed += 1;
+            }
+        }
+        closed
     }
 
     async fn wait_live(&self, pred: impl FnMut(&usize) -> bool) {
