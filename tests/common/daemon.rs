@@ -60,6 +60,11 @@ impl Daemon {
         daemon
     }
 
+    /// The log lines that have arrived so far, without waiting.
+    pub fn log_so_far(&mut self) -> Vec<String> {
+        self.log.try_iter().collect()
+    }
+
     /// Every log line still to come, up to the daemon's exit (when its stderr closes).
     pub fn rest_of_log(&mut self) -> Vec<String> {
         let mut lines = Vec::new();
