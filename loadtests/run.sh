@@ -38,10 +38,10 @@ while [ $# -gt 0 ]; do
 done
 
 if [ "$SMOKE" = 1 ]; then
-  ROUNDS=${ROUNDS:-1}; DURATION=1; WARMUP=0.3; BULK_MIB=64; HOLD_SESSIONS=200; HOLD_SECS=1
+  ROUNDS=${ROUNDS:-1}; DURATION=1; WARMUP=0.3; BULK_MIB=64; HOLD_SESSIONS=200; HOLD_SECS=1; LINGER=1
   STRICT=(--fail-on-errors)
 else
-  ROUNDS=${ROUNDS:-2}; DURATION=5; WARMUP=1; BULK_MIB=4096; HOLD_SESSIONS=10000; HOLD_SECS=5
+  ROUNDS=${ROUNDS:-2}; DURATION=5; WARMUP=1; BULK_MIB=4096; HOLD_SESSIONS=10000; HOLD_SECS=5; LINGER=15
   STRICT=()
 fi
 WORK=$(mktemp -d /tmp/poolsocks-loadtests.XXXXXX)
@@ -195,8 +195,10 @@ measure() {
       start_proxy "$cfg" "$external" || { FAILED+=("$scenario/$cfg: proxy did not start"); continue; }
       args=($(route_args "$cfg"))
       if [ "$mode" = hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi
-      if [ "$scenario" = many-destinations ] && [ -n "${STATS_PORT[$cfg]:-}" ]; then
+      # poolsocks's own counters, sampled once a second (idle total, hit rate).
+      if [ "$mode" = run ] && [ -n "${STATS_PORT[$cfg]:-}" ]; then
         args+=(--sample-url "127.0.0.1:${STATS_PORT[$cfg]}/api/pool/stats")
+        if [ "$scenario" = many-destinations ]; then args+=(--linger "$LINGER"); fi
       fi
       local strict=()
       # Our own daemon and the baseline must not fail in smoke runs; the peers' hiccups are
@@ -360,7 +362,7 @@ if wanted many-destinations; then
   wait_port 127.0.0.1 12999 || { say "FAIL: upstream on 1,000 ports did not start"; exit 1; }
   measure many-destinations 127.0.0.1 run --target "$MANY_UPSTREAM" -c 16 -d "$DURATION" \
     --warmup "$WARMUP" -n 1 --upstream-stats 127.0.0.1:12000
-  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running. The upstream column counts port 12000's server process, which serves all 1,000 ports."
+  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
   stop_pid "$UPSTREAM_PID"
 fi
 

@@ -205,12 +205,12 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
     let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) |" } else { "" };
     let _ = writeln!(
         md,
-        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | errors |",
+        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | idle after load | hit rate | errors |",
         args.baseline, args.pool_off
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|",
         if args.rtt_ms.is_some() { "---|" } else { "" }
     );
     for group in groups {
@@ -228,7 +228,7 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             .unwrap_or_else(|| "—".into());
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {reuse} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {reuse} | {} | {} | {} | {} |",
             group.label,
             group.runs.len(),
             best.rps,
@@ -242,6 +242,8 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             ms(lat.p999_us),
             ms(lat.max_us),
             max_idle_sampled(group),
+            idle_after(best),
+            hit_rate(best),
             errors_text(group),
         );
     }
@@ -265,6 +267,26 @@ fn max_idle_sampled(group: &Group) -> String {
         }
     }
     max.map_or_else(|| "—".into(), |m| format!("{m:.0}"))
+}
+
+/// `total_idle` in the last sample taken after the load stopped, with how long after.
+fn idle_after(record: &RunRecord) -> String {
+    record
+        .stats_after
+        .last()
+        .and_then(|s| s.get("total_idle"))
+        .and_then(|v| v.as_f64())
+        .map_or_else(|| "—".into(), |idle| format!("{idle:.0} (+{:.0} s)", record.linger_secs))
+}
+
+/// The pool's own hit rate in the last sample under load (the daemon's `hit_rate` field).
+fn hit_rate(record: &RunRecord) -> String {
+    record
+        .stats_samples
+        .last()
+        .and_then(|s| s.get("hit_rate"))
+        .and_then(|v| v.as_f64())
+        .map_or_else(|| "—".into(), |rate| format!("{:.0}%", rate * 100.0))
 }
 
 fn bulk_table(md: &mut String, groups: &[Group], args: &ReportArgs) {

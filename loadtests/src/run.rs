@@ -102,6 +102,10 @@ pub struct RunArgs {
     /// 127.0.0.1:9090/api/pool/stats (the proxy's stats endpoint).
     #[arg(long)]
     pub sample_url: Option<String>,
+    /// Keep sampling --sample-url this many seconds after the load stops (cold destinations
+    /// should be pruned); those samples are recorded apart.
+    #[arg(long, default_value_t = 0.0)]
+    pub linger: f64,
     #[command(flatten)]
     pub record: RecordArgs,
 }
@@ -157,7 +161,8 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
 
     let label = args.record.label.clone();
     let progress = tokio::spawn(progress(label, shared.clone(), t0, end));
-    let sampler = args.sample_url.clone().map(|url| tokio::spawn(sample(url, end)));
+    let linger = Duration::from_secs_f64(args.linger.max(0.0));
+    let sampler = args.sample_url.clone().map(|url| tokio::spawn(sample(url, end, linger)));
 
     tokio::time::sleep_until(measure_from.into()).await;
     let before = upstream_counts(&upstream_addrs).await;
@@ -180,9 +185,9 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let elapsed = measure_started.elapsed().as_secs_f64();
     let after = upstream_counts(&upstream_addrs).await;
     progress.abort();
-    let stats_samples = match sampler {
+    let (stats_samples, stats_after) = match sampler {
         Some(handle) => handle.await.unwrap_or_default(),
-        None => Vec::new(),
+        None => (Vec::new(), Vec::new()),
     };
 
     let upstream = match (before, after) {
@@ -213,6 +218,8 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
         request_latency: Latency::from_histogram(&request_hist),
         upstream,
         stats_samples,
+        stats_after,
+        linger_secs: args.linger,
         ..RunRecord::default()
     })
 }
@@ -339,21 +346,37 @@ async fn progress(label: String, shared: Arc<Shared>, t0: Instant, end: Instant)
     }
 }
 
-/// Samples a JSON endpoint once a second until `end`; failures are skipped, not fatal.
-async fn sample(url: String, end: Instant) -> Vec<serde_json::Value> {
-    let mut samples = Vec::new();
+type Samples = Vec<serde_json::Value>;
+
+/// Samples a JSON endpoint once a second until `end` and then for `linger` more; failures are
+/// skipped, not fatal. Returns (samples under load, samples after it).
+async fn sample(url: String, end: Instant, linger: Duration) -> (Samples, Samples) {
+    let (mut during, mut after) = (Vec::new(), Vec::new());
     let Some((addr, path)) = split_url(&url) else {
         eprintln!("--sample-url {url:?}: expected HOST:PORT/PATH on loopback; not sampling");
-        return samples;
+        return (during, after);
     };
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    while Instant::now() < end {
+    let stop = end + linger;
+    // Bounded by `stop`; the first tick fires at once, so even a short run gets a sample.
+    loop {
         tick.tick().await;
+        let now = Instant::now();
+        if now >= stop {
+            break;
+        }
         if let Ok(value) = fetch_json(addr, &path).await {
-            samples.push(value);
+            if now < end {
+                during.push(value);
+            } else {
+                after.push(value);
+            }
         }
     }
-    samples
+    if !linger.is_zero() {
+        eprintln!("sampled {} after the load stopped", after.len());
+    }
+    (during, after)
 }
 
 fn split_url(url: &str) -> Option<(SocketAddr, String)> {

@@ -110,6 +110,9 @@ pub struct RunRecord {
     pub kib_per_session: f64,
     /// Samples of a stats endpoint taken while running (raw JSON).
     pub stats_samples: Vec<serde_json::Value>,
+    /// Samples taken after the load stopped (for `linger_secs`).
+    pub stats_after: Vec<serde_json::Value>,
+    pub linger_secs: f64,
 }
 
 impl RunRecord {
