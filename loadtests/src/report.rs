@@ -373,7 +373,8 @@ fn bar_plot(path: &Path, groups: &[Group], title: &str, mode: &str) -> Result<()
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((0..values.len()).into_segmented(), 0.0..top)
+        // A segmented range 0..n has n + 1 slots; n - 1 leaves exactly one per bar.
+        .build_cartesian_2d((0..values.len().saturating_sub(1).max(1)).into_segmented(), 0.0..top)
         .map_err(plot_error)?;
     let names: Vec<String> = values.iter().map(|(n, _)| n.clone()).collect();
     chart
@@ -384,6 +385,7 @@ fn bar_plot(path: &Path, groups: &[Group], title: &str, mode: &str) -> Result<()
             SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .y_desc(unit)
         .draw()
         .map_err(plot_error)?;
@@ -417,7 +419,9 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
         .filter_map(|g| {
             let lat = g.best()?.session_latency.clone()?;
             let points =
-                lat.cdf.iter().map(|(us, q)| ((*us as f64 / 1000.0).max(0.001), *q)).collect();
+                // Plotted against log10(ms): plotters' log axis labels only powers of ten, and
+                // a latency CDF often spans less than one decade.
+                lat.cdf.iter().map(|(us, q)| ((*us as f64 / 1000.0).max(0.001).log10(), *q)).collect();
             Some((g.label.clone(), points))
         })
         .collect();
@@ -425,7 +429,8 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
         return Ok(());
     }
     let all = curves.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
-    let (lo, hi) = all.fold((f64::INFINITY, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
+    let (lo, hi) =
+        all.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), x| (lo.min(x), hi.max(x)));
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
@@ -433,10 +438,19 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d((lo * 0.9..hi * 1.1).log_scale(), 0.0..1.0)
+        .build_cartesian_2d(lo - 0.05..hi + 0.05, 0.0..1.0)
         .map_err(plot_error)?;
     chart
         .configure_mesh()
+        .x_labels(12)
+        .x_label_formatter(&|x| {
+            let ms = 10f64.powf(*x);
+            if ms >= 10.0 {
+                format!("{ms:.0}")
+            } else {
+                format!("{ms:.2}")
+            }
+        })
         .x_desc("latency (ms, log scale)")
         .y_desc("fraction of sessions")
         .draw()
