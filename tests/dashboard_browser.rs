@@ -163,11 +163,8 @@ async fn dashboard_renders_live_numbers_in_chromium() {
         .with_readiness(Readiness::listening());
     let proxy = TestProxy::start_server(server).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stats");
-    let stats_addr = listener.local_addr().expect("stats addr");
-    let (stop_stats, stopped) = oneshot::channel::<()>();
-    let stats_task = tokio::spawn(stats::serve(listener, ctx, async move {
-        let _ = stopped.await;
-    }));
+    let endpoint = stats::spawn(listener, ctx);
+    let stats_addr = endpoint.addr().expect("stats addr");
 
     // Settled traffic whose figures the page must show exactly: A has 1 miss and 2 hits.
     let steady = EchoServer::start().await;
@@ -278,8 +275,7 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     running.store(false, Ordering::Relaxed);
     traffic.await.expect("traffic task");
     assert!(sessions_done.load(Ordering::Relaxed) >= 1);
-    let _ = stop_stats.send(());
-    stats_task.await.expect("stats task").expect("stats ran cleanly");
+    endpoint.stop().await.expect("stats ran cleanly");
     proxy.stop().await;
     let mut busy_dest = pool.watch_destination(&TargetAddr::Ip(busy.addr)).await.expect("watch");
     settle(&mut busy_dest, |s| s.is_quiet()).await;

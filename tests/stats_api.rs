@@ -20,8 +20,7 @@ use poolsocks::upstream::{BoxFuture, TcpDialer};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::watch;
 
 /// Upper bound for anything the tests await; reaching it means a failure, not a slow pass.
 const DEADLINE: Duration = Duration::from_secs(10);
@@ -33,8 +32,7 @@ struct Rig {
     proxy: TestProxy,
     stats: SocketAddr,
     pool: Option<Pool>,
-    stop_stats: oneshot::Sender<()>,
-    stats_task: JoinHandle<Result<(), stats::StatsError>>,
+    endpoint: stats::StatsHandle,
 }
 
 struct RigOptions {
@@ -94,12 +92,9 @@ impl Rig {
             ctx = ctx.with_pool_source(source);
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stats");
-        let stats = listener.local_addr().expect("stats addr");
-        let (stop_stats, stopped) = oneshot::channel::<()>();
-        let stats_task = tokio::spawn(stats::serve(listener, ctx, async move {
-            let _ = stopped.await;
-        }));
-        Rig { proxy, stats, pool, stop_stats, stats_task }
+        let endpoint = stats::spawn(listener, ctx);
+        let stats = endpoint.addr().expect("stats addr");
+        Rig { proxy, stats, pool, endpoint }
     }
 
     fn pool(&self) -> &Pool {
@@ -111,11 +106,9 @@ impl Rig {
     }
 
     async fn stop(self) {
-        let _ = self.stop_stats.send(());
-        tokio::time::timeout(DEADLINE, self.stats_task)
+        tokio::time::timeout(DEADLINE, self.endpoint.stop())
             .await
             .expect("stats endpoint stops in time")
-            .expect("stats task")
             .expect("stats endpoint ran cleanly");
         self.proxy.stop().await;
         if let Some(pool) = self.pool {
@@ -583,6 +576,34 @@ async fn telemetry_events_show_real_warnings_newest_first_and_filter() {
 }
 
 #[tokio::test]
+async fn telemetry_disabled_reports_so_and_records_nothing() {
+    // The same eviction as above, with telemetry off: nothing is recorded, and the route says
+    // why the feed is empty.
+    let mut options = RigOptions::new(true);
+    options.config.telemetry.enabled = false;
+    options.config.server.pool.max_idle_per_dest = 1;
+    options.config.server.pool.max_total_idle = 1;
+    let rig = Rig::start_with(options).await;
+    let (first, second) = (EchoServer::start().await, EchoServer::start().await);
+    let mut first_dest = rig.watch(first.addr).await;
+    session(rig.proxy.addr, first.addr, b"a").await;
+    settle(&mut first_dest, 1).await;
+    session(rig.proxy.addr, second.addr, b"b").await;
+    tokio::time::timeout(DEADLINE, first_dest.wait_for(|s| s.counters.evicted == 1))
+        .await
+        .expect("eviction in time")
+        .expect("watch open");
+    settle(&mut rig.watch(second.addr).await, 1).await;
+
+    let body = get_json(rig.stats, "/api/telemetry/events").await;
+    assert_eq!(body["enabled"], false);
+    assert_eq!(body["count"], 0);
+    assert_eq!(body["recorded"], 0);
+    assert_eq!(get_json(rig.stats, "/api/pool/stats").await["evicted"], 1);
+    rig.stop().await;
+}
+
+#[tokio::test]
 async fn telemetry_bad_query_parameters_get_400_naming_the_parameter() {
     let rig = Rig::start(false).await;
     let long = "9".repeat(5000);
@@ -639,7 +660,7 @@ async fn health_is_ready_when_listening_and_the_pool_answers() {
     let stats = get(rig.stats, "/api/pool/stats").await;
     assert_eq!(stats.status, 503);
     assert_eq!(stats.json()["available"], false);
-    rig.stop_stats.send(()).expect("stats running");
+    rig.endpoint.stop().await.expect("stats endpoint ran cleanly");
     rig.proxy.stop().await;
 }
 

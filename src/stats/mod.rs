@@ -27,7 +27,7 @@ mod source;
 
 pub use context::{Readiness, StatsContext, StatsOptions};
 pub use query::{EventsQuery, QueryError, MAX_EVENTS_LIMIT};
-pub use server::{bind, serve};
+pub use server::{bind, serve, spawn, StatsHandle};
 pub use source::PoolStatsSource;
 
 use std::net::SocketAddr;
@@ -37,4 +37,6 @@ use std::net::SocketAddr;
 pub enum StatsError {
     #[error("cannot listen for the stats endpoint on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("the stats endpoint's task failed: {0}")]
+    Task(String),
 }

@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -123,4 +124,35 @@ async fn serve_connection(
     // gets `grace` and no more.
     connection.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(grace, connection).await;
+}
+
+/// A stats endpoint running in its own task (see [`spawn`]).
+pub struct StatsHandle {
+    addr: Option<SocketAddr>,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), StatsError>>,
+}
+
+impl StatsHandle {
+    /// Where it listens (useful when bound to port 0).
+    pub fn addr(&self) -> Option<SocketAddr> {
+        self.addr
+    }
+
+    /// Stops accepting, lets responses in flight finish (bounded) and waits for the task.
+    pub async fn stop(self) -> Result<(), StatsError> {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) => Err(StatsError::Task(e.to_string())),
+        }
+    }
+}
+
+/// Spawns [`serve`] on the current runtime; stop it with [`StatsHandle::stop`].
+pub fn spawn(listener: TcpListener, ctx: StatsContext) -> StatsHandle {
+    let addr = listener.local_addr().ok();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, ctx, stop.clone().cancelled_owned()));
+    StatsHandle { addr, stop, task }
 }
