@@ -43,9 +43,12 @@ impl PoolReader {
 
     pub(super) async fn read(&self) -> PoolView {
         let Some(source) = &self.source else { return PoolView::Disabled };
+        let arrived = Instant::now();
         let mut last = self.last.lock().await;
         if let Some((at, view)) = last.as_ref() {
-            if at.elapsed() < self.ttl {
+            // An answer fetched while this request waited for the lock is as fresh as a new
+            // call, and reusing it keeps a queue of requests from paying one timeout each.
+            if *at >= arrived || at.elapsed() < self.ttl {
                 return view.clone();
             }
         }
