@@ -32,7 +32,7 @@ async fn an_upstream_reset_mid_transfer_ends_the_client_session_cleanly() {
         stream.read_exact(&mut request).await.expect("request");
         stream.write_all(&[7u8; 64 * 1024]).await.expect("write");
         // Linger 0: close sends RST instead of FIN.
-        stream.set_linger(Some(Duration::ZERO)).expect("linger");
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).expect("linger");
         drop(stream);
     });
     let proxy = TestProxy::start(test_config()).await;

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use crate::access::AccessPolicy;
 use crate::config::Config;
+use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::telemetry::Telemetry;
 use crate::upstream::{Connector, Dialer, DirectConnector, PolicyDialer};
 use auth::Authenticator;
@@ -29,6 +30,8 @@ use metrics::ServerMetrics;
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot start the connection pool: {0}")]
+    Pool(#[from] PoolError),
 }
 
 /// A configured server, ready to run on a listener.
@@ -36,6 +39,7 @@ pub struct Server {
     config: Config,
     access: Arc<AccessPolicy>,
     connector: Arc<dyn Connector>,
+    pool: Option<Pool>,
     metrics: Arc<ServerMetrics>,
     telemetry: Telemetry,
 }
@@ -45,10 +49,18 @@ impl Server {
     pub async fn build(config: Config) -> Result<Self, ServerError> {
         let access = Arc::new(AccessPolicy::from_config(&config.access));
         let telemetry = Telemetry::new(&config.telemetry);
+        // Pooled or direct, every dial goes through the access rules.
         let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone()));
-        let connector: Arc<dyn Connector> =
-            Arc::new(DirectConnector::with_dialer(dialer, config.server.pool.connect_timeout()));
-        Ok(Server { config, access, connector, metrics: Arc::new(ServerMetrics::default()), telemetry })
+        let pool_config = &config.server.pool;
+        let (connector, pool): (Arc<dyn Connector>, _) = if pool_config.enabled {
+            let options = PoolOptions::from_config(pool_config);
+            let pool = Pool::spawn(options, dialer, telemetry.clone()).await?;
+            (Arc::new(pool.clone()), Some(pool))
+        } else {
+            (Arc::new(DirectConnector::with_dialer(dialer, pool_config.connect_timeout())), None)
+        };
+        let metrics = Arc::new(ServerMetrics::default());
+        Ok(Server { config, access, connector, pool, metrics, telemetry })
     }
 
     /// Replaces the upstream connector (harnesses inject their own).
@@ -63,6 +75,11 @@ impl Server {
 
     pub fn telemetry(&self) -> Telemetry {
         self.telemetry.clone()
+    }
+
+    /// The connection pool, when `[server.pool] enabled = true`.
+    pub fn pool(&self) -> Option<Pool> {
+        self.pool.clone()
     }
 
     /// Serves `listener` until `shutdown` completes. Then it stops accepting at once, lets
@@ -107,6 +124,10 @@ impl Server {
             warn!(sessions = tracker.len(), "grace period over: cutting remaining sessions");
             cut.cancel();
             tracker.wait().await;
+        }
+        if let Some(pool) = &self.pool {
+            // Closes every spare, so the process leaves no half-open upstream connection behind.
+            pool.shutdown().await;
         }
         info!("shut down");
         Ok(())
