@@ -160,3 +160,120 @@ pub async fn closed_without_data(stream: &mut TcpStream) -> bool {
     let mut byte = [0u8; 1];
     matches!(stream.read(&mut byte).await, Ok(0) | Err(_))
 }
+
+/// What a [`TaggedServer`] saw of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamEvent {
+    /// Connection number `index` (from 1) was accepted from `peer`.
+    Accepted { index: usize, peer: SocketAddr },
+    /// Connection `index` was closed by the proxy.
+    Closed { index: usize },
+}
+
+/// An upstream that numbers the connections it accepts, reports every accept and close, and on
+/// each connection answers `who\n` with `conn N\n` (then echoes anything else). Tests use it to
+/// prove from the destination's side which accepted connection served which client.
+pub struct TaggedServer {
+    pub addr: SocketAddr,
+    pub events: mpsc::UnboundedReceiver<UpstreamEvent>,
+    /// Every event seen so far, in order (filled by [`TaggedServer::next_event`]).
+    pub seen: Vec<UpstreamEvent>,
+}
+
+impl TaggedServer {
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind tagged server");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, events) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut index = 0;
+            while let Ok((mut stream, peer)) = listener.accept().await {
+                index += 1;
+                let _ = tx.send(UpstreamEvent::Accepted { index, peer });
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) if &buf[..n] == b"who\n" => {
+                                let answer = format!("conn {index}\n");
+                                if stream.write_all(answer.as_bytes()).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(n) => {
+                                if stream.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = tx.send(UpstreamEvent::Closed { index });
+                });
+            }
+        });
+        TaggedServer { addr, events, seen: Vec::new() }
+    }
+
+    pub async fn next_event(&mut self) -> UpstreamEvent {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(10), self.events.recv())
+            .await
+            .expect("upstream event within 10 s")
+            .expect("server running");
+        self.seen.push(event);
+        event
+    }
+
+    /// Takes events already delivered, without waiting.
+    pub fn drain(&mut self) {
+        while let Ok(event) = self.events.try_recv() {
+            self.seen.push(event);
+        }
+    }
+
+    /// Awaits events until `count` connections have been accepted in all.
+    pub async fn await_accepted(&mut self, count: usize) {
+        while self.accepted() < count {
+            self.next_event().await;
+        }
+    }
+
+    /// Awaits the close of connection `index`.
+    pub async fn await_closed(&mut self, index: usize) {
+        while !self.seen.contains(&UpstreamEvent::Closed { index }) {
+            self.next_event().await;
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.seen.iter().filter(|e| matches!(e, UpstreamEvent::Accepted { .. })).count()
+    }
+
+    /// Connections accepted and not closed yet.
+    pub fn open(&self) -> usize {
+        let closed = self.seen.iter().filter(|e| matches!(e, UpstreamEvent::Closed { .. })).count();
+        self.accepted() - closed
+    }
+
+    /// The connection whose proxy-side address is `peer`.
+    pub fn index_of(&self, peer: SocketAddr) -> Option<usize> {
+        self.seen.iter().find_map(|e| match e {
+            UpstreamEvent::Accepted { index, peer: p } if *p == peer => Some(*index),
+            _ => None,
+        })
+    }
+}
+
+/// Asks a [`TaggedServer`] connection which one it is.
+pub async fn who(stream: &mut TcpStream) -> usize {
+    stream.write_all(b"who\n").await.expect("ask who");
+    let mut answer = Vec::new();
+    let mut byte = [0u8; 1];
+    while answer.last() != Some(&b'\n') {
+        stream.read_exact(&mut byte).await.expect("who answer");
+        answer.push(byte[0]);
+    }
+    let text = String::from_utf8(answer).expect("utf8");
+    text.trim().strip_prefix("conn ").and_then(|n| n.parse().ok()).expect("conn N")
+}
