@@ -135,6 +135,10 @@ for port in 14080 14101 14102 14103 14105 14106 14111 14112 14113; do
   port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14113 free"; exit 1; }
 done
 
+# Proxies started below inherit this: 10,000 held sessions need 20,000 descriptors in a proxy
+# (poolsocks also raises its own limit; Dante and microsocks do not).
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
 if [ "$(id -u)" = 0 ]; then
   # Many short sessions: more ephemeral ports, and TIME_WAIT ports reused for new outgoing
   # connections (loopback already does that; the delay-line addresses do not). Restored on exit.

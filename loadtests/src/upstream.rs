@@ -51,6 +51,10 @@ impl Counters {
 
 pub async fn serve(args: UpstreamArgs) -> Result<(), String> {
     let addrs = crate::targets::parse_set(&args.listen.join(","))?;
+    // The idle-sessions scenario makes the proxy open 10,000 connections to us.
+    if let Err(e) = crate::limits::raise_nofile(65_536) {
+        eprintln!("upstream: could not raise RLIMIT_NOFILE ({e}); many connections may fail");
+    }
     let counters = Arc::new(Counters::default());
     let mut listeners = Vec::with_capacity(addrs.len());
     for addr in &addrs {
