@@ -55,7 +55,9 @@ impl Rule {
                 let name = normalize_name(name);
                 self.domains.iter().any(|suffix| {
                     name == *suffix
-                        || name.strip_suffix(suffix.as_str()).is_some_and(|head| head.ends_with('.'))
+                        || name
+                            .strip_suffix(suffix.as_str())
+                            .is_some_and(|head| head.ends_with('.'))
                 })
             });
             if !matched {
@@ -98,8 +100,11 @@ impl AccessPolicy {
     }
 
     /// Allows everything: what a config without `[access]` means.
-    pub const ALLOW_ALL: AccessPolicy =
-        AccessPolicy { client_networks: Vec::new(), default_action: RuleAction::Allow, rules: Vec::new() };
+    pub const ALLOW_ALL: AccessPolicy = AccessPolicy {
+        client_networks: Vec::new(),
+        default_action: RuleAction::Allow,
+        rules: Vec::new(),
+    };
 
     pub fn allow_all() -> Self {
         Self::ALLOW_ALL
@@ -179,7 +184,9 @@ mod tests {
 
     #[test]
     fn a_name_resolving_into_a_denied_network_is_caught_at_dial_time() {
-        let p = policy("[[access.rules]]\naction = \"deny\"\nnetworks = [\"127.0.0.0/8\", \"::1/128\"]\n");
+        let p = policy(
+            "[[access.rules]]\naction = \"deny\"\nnetworks = [\"127.0.0.0/8\", \"::1/128\"]\n",
+        );
         let target = domain("innocent.example", 9090);
         assert!(p.may_reach(&target), "undecidable before resolution");
         assert!(!p.may_connect(&target, "127.0.0.1".parse().expect("ip")));

@@ -15,11 +15,16 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 fn target_addr() -> impl Strategy<Value = TargetAddr> {
     prop_oneof![
-        (any::<[u8; 4]>(), any::<u16>())
-            .prop_map(|(ip, port)| TargetAddr::Ip(SocketAddr::new(Ipv4Addr::from(ip).into(), port))),
-        (any::<[u8; 16]>(), any::<u16>())
-            .prop_map(|(ip, port)| TargetAddr::Ip(SocketAddr::new(Ipv6Addr::from(ip).into(), port))),
-        ("[a-zA-Z0-9.-]{1,255}", any::<u16>()).prop_map(|(name, port)| TargetAddr::Domain(name, port)),
+        (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| TargetAddr::Ip(SocketAddr::new(
+            Ipv4Addr::from(ip).into(),
+            port
+        ))),
+        (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| TargetAddr::Ip(SocketAddr::new(
+            Ipv6Addr::from(ip).into(),
+            port
+        ))),
+        ("[a-zA-Z0-9.-]{1,255}", any::<u16>())
+            .prop_map(|(name, port)| TargetAddr::Domain(name, port)),
     ]
 }
 

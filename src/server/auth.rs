@@ -36,7 +36,9 @@ impl Credential {
                 let phc = phc.clone();
                 tokio::task::spawn_blocking(move || {
                     PasswordHash::new(phc.expose()).is_ok_and(|hash| {
-                        Argon2::default().verify_password(candidate.expose().as_bytes(), &hash).is_ok()
+                        Argon2::default()
+                            .verify_password(candidate.expose().as_bytes(), &hash)
+                            .is_ok()
                     })
                 })
                 .await
@@ -137,8 +139,9 @@ impl FailedLogins {
 
     fn is_limited(&self, client: IpAddr, now: Instant) -> bool {
         let map = self.by_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.get(&client)
-            .is_some_and(|&(start, count)| now.duration_since(start) < self.window && count >= self.limit)
+        map.get(&client).is_some_and(|&(start, count)| {
+            now.duration_since(start) < self.window && count >= self.limit
+        })
     }
 
     fn record(&self, client: IpAddr, now: Instant) {
@@ -197,7 +200,10 @@ mod tests {
         let salt = SaltString::from_b64("cG9vbHNvY2tzdGVzdHNhbHQ").expect("salt");
         let phc = Argon2::default().hash_password(b"hashed pw", &salt).expect("hash").to_string();
         let auth = auth_with(&phc);
-        assert_eq!(auth.login(CLIENT, &request("alice", "hashed pw")).await, LoginOutcome::Accepted);
+        assert_eq!(
+            auth.login(CLIENT, &request("alice", "hashed pw")).await,
+            LoginOutcome::Accepted
+        );
         assert_eq!(auth.login(CLIENT, &request("alice", "wrong")).await, LoginOutcome::Rejected);
         // The PHC string itself is not a password.
         assert_eq!(auth.login(CLIENT, &request("alice", &phc)).await, LoginOutcome::Rejected);
@@ -207,10 +213,16 @@ mod tests {
     async fn repeated_failures_from_one_address_are_rate_limited_not_others() {
         let auth = auth_with("s3cret");
         for _ in 0..3 {
-            assert_eq!(auth.login(CLIENT, &request("alice", "guess")).await, LoginOutcome::Rejected);
+            assert_eq!(
+                auth.login(CLIENT, &request("alice", "guess")).await,
+                LoginOutcome::Rejected
+            );
         }
         // Even the right password is refused while the address is limited.
-        assert_eq!(auth.login(CLIENT, &request("alice", "s3cret")).await, LoginOutcome::RateLimited);
+        assert_eq!(
+            auth.login(CLIENT, &request("alice", "s3cret")).await,
+            LoginOutcome::RateLimited
+        );
         let other: IpAddr = "192.0.2.2".parse().expect("ip");
         assert_eq!(auth.login(other, &request("alice", "s3cret")).await, LoginOutcome::Accepted);
     }

@@ -39,7 +39,12 @@ pub struct HandlerContext {
 }
 
 /// Serves one client to the end. Never panics on client input; every failure is logged once.
-pub async fn serve(ctx: Arc<HandlerContext>, mut client: TcpStream, peer: SocketAddr, cancel: CancellationToken) {
+pub async fn serve(
+    ctx: Arc<HandlerContext>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+) {
     if !ctx.access.client_allowed(peer.ip()) {
         info!("client address not allowed by access.client_networks");
         ctx.telemetry.warning(
@@ -136,8 +141,13 @@ async fn connect(
             return None;
         }
     };
-    let bound = upstream.stream.local_addr().map(TargetAddr::from).unwrap_or_else(|_| TargetAddr::unspecified());
-    if let Err(e) = client.write_all(&Reply { code: ReplyCode::Succeeded, bound }.to_bytes()).await {
+    let bound = upstream
+        .stream
+        .local_addr()
+        .map(TargetAddr::from)
+        .unwrap_or_else(|_| TargetAddr::unspecified());
+    if let Err(e) = client.write_all(&Reply { code: ReplyCode::Succeeded, bound }.to_bytes()).await
+    {
         debug!(error = %e, "client left before the reply");
         upstream.finish(true);
         return None;
@@ -208,7 +218,10 @@ async fn handshake(
         }
     };
     if request.command != Command::Connect {
-        reader.get_mut().write_all(&Reply::failure(ReplyCode::CommandNotSupported).to_bytes()).await?;
+        reader
+            .get_mut()
+            .write_all(&Reply::failure(ReplyCode::CommandNotSupported).to_bytes())
+            .await?;
         return Err(SocksError::CommandNotSupported(request.command.as_byte()));
     }
     Ok((request.target, reader.buffer().to_vec()))
