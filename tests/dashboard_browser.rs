@@ -15,11 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{connect, round_trip, test_config, EchoServer, TestProxy};
-use poolsocks::pool::{DestStats, Pool, PoolOptions};
+use poolsocks::pool::DestStats;
 use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use poolsocks::stats::{self, Readiness, StatsContext};
-use poolsocks::upstream::TcpDialer;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -149,16 +148,8 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     config.server.pool.max_idle_per_dest = 1;
     config.server.pool.max_total_idle = 1;
     let server = Server::build(config.clone()).await.expect("server builds");
-    let telemetry = server.telemetry();
-    let pool = Pool::spawn(
-        PoolOptions::from_config(&config.server.pool),
-        Arc::new(TcpDialer),
-        telemetry.clone(),
-    )
-    .await
-    .expect("pool starts");
-    let server = server.with_connector(Arc::new(pool.clone()));
-    let ctx = StatsContext::new(config, telemetry, server.metrics())
+    let pool = server.pool().expect("the server built its pool");
+    let ctx = StatsContext::new(config, server.telemetry(), server.metrics())
         .with_pool(Some(pool.clone()))
         .with_readiness(Readiness::listening());
     let proxy = TestProxy::start_server(server).await;
@@ -275,12 +266,11 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     running.store(false, Ordering::Relaxed);
     traffic.await.expect("traffic task");
     assert!(sessions_done.load(Ordering::Relaxed) >= 1);
-    endpoint.stop().await.expect("stats ran cleanly");
-    proxy.stop().await;
     let mut busy_dest = pool.watch_destination(&TargetAddr::Ip(busy.addr)).await.expect("watch");
     settle(&mut busy_dest, |s| s.is_quiet()).await;
     let final_stats = pool.stats().await.expect("stats");
     assert_eq!(final_stats.connections_in_use, 0);
     assert_eq!(final_stats.pending_creates, 0);
-    pool.shutdown().await;
+    endpoint.stop().await.expect("stats ran cleanly");
+    proxy.stop().await; // stops the pool's actors too
 }

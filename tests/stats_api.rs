@@ -11,12 +11,12 @@ use std::time::Duration;
 
 use common::{connect, connect_with_password, round_trip, test_config, EchoServer, TestProxy};
 use poolsocks::config::{Config, UserConfig};
-use poolsocks::pool::{DestStats, Pool, PoolOptions, PoolStats};
+use poolsocks::pool::{DestStats, Pool, PoolStats};
 use poolsocks::secret::Secret;
 use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use poolsocks::stats::{self, PoolStatsSource, Readiness, StatsContext, StatsOptions};
-use poolsocks::upstream::{BoxFuture, TcpDialer};
+use poolsocks::upstream::BoxFuture;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -65,22 +65,10 @@ impl Rig {
     async fn start_with(options: RigOptions) -> Rig {
         let config = options.config;
         let server = Server::build(config.clone()).await.expect("server builds");
+        // The pool the server built and its connector uses: the endpoint reads the same actors.
+        let pool = server.pool();
+        assert_eq!(pool.is_some(), config.server.pool.enabled);
         let telemetry = server.telemetry();
-        let pool = if config.server.pool.enabled {
-            let mut pool_options = PoolOptions::from_config(&config.server.pool);
-            pool_options.janitor_period = None; // nothing in these tests waits for expiry
-            Some(
-                Pool::spawn(pool_options, Arc::new(TcpDialer), telemetry.clone())
-                    .await
-                    .expect("pool starts"),
-            )
-        } else {
-            None
-        };
-        let server = match &pool {
-            Some(pool) => server.with_connector(Arc::new(pool.clone())),
-            None => server,
-        };
         let metrics = server.metrics();
         let proxy = TestProxy::start_server(server).await;
 
@@ -106,16 +94,16 @@ impl Rig {
     }
 
     async fn stop(self) {
+        // Before the server stops: its shutdown stops the pool's actors too.
+        if let Some(pool) = &self.pool {
+            let stats = pool.stats().await.expect("final pool stats");
+            assert_counters_settled(&stats);
+        }
         tokio::time::timeout(DEADLINE, self.endpoint.stop())
             .await
             .expect("stats endpoint stops in time")
             .expect("stats endpoint ran cleanly");
         self.proxy.stop().await;
-        if let Some(pool) = self.pool {
-            let stats = pool.stats().await.expect("final pool stats");
-            assert_counters_settled(&stats);
-            pool.shutdown().await;
-        }
     }
 }
 
@@ -709,7 +697,9 @@ async fn a_pool_that_never_answers_costs_a_request_the_timeout_and_no_more() {
 
     // The proxy itself is unaffected.
     let echo = EchoServer::start().await;
+    let mut dest = rig.watch(echo.addr).await;
     session(rig.proxy.addr, echo.addr, b"still serving").await;
+    settle(&mut dest, 1).await;
     rig.stop().await;
 }
 
