@@ -885,3 +885,41 @@ async fn shutdown_stops_the_endpoint_and_closes_its_port() {
     rig.stop().await;
     assert!(TcpStream::connect(addr).await.is_err(), "the port is closed after shutdown");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The endpoint as the daemon runs it: started by `Server::run` beside the SOCKS listener.
+
+#[tokio::test]
+async fn the_server_runs_the_endpoint_when_enabled_and_stops_it_with_itself() {
+    let mut config = test_config();
+    config.server.pool.enabled = true;
+    config.sessions.stats_api_enabled = true;
+    config.sessions.stats_api_port = 0;
+    let server = Server::build(config).await.expect("server builds");
+    let stats = server.stats_addr().expect("stats endpoint bound");
+    let pool = server.pool().expect("pool");
+    let proxy = TestProxy::start_server(server).await;
+    let echo = EchoServer::start().await;
+    let mut dest = pool.watch_destination(&TargetAddr::Ip(echo.addr)).await.expect("watch");
+    for _ in 0..2 {
+        session(proxy.addr, echo.addr, b"wired").await;
+        settle(&mut dest, 1).await;
+    }
+
+    let health = get(stats, "/health").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    let body = get_json(stats, "/api/pool/stats").await;
+    assert_eq!((body["pool_hits"].clone(), body["pool_misses"].clone()), (1.into(), 1.into()));
+    assert_eq!(body["server"]["sessions_total"], 2);
+    let (parsed, _) = scrape(stats).await;
+    assert_eq!(metric_value(&parsed, "poolsocks_pool_hits_total", &[]), 1.0);
+
+    proxy.stop().await;
+    assert!(TcpStream::connect(stats).await.is_err(), "the endpoint stops with the server");
+}
+
+#[tokio::test]
+async fn a_server_without_the_endpoint_binds_nothing() {
+    let server = Server::build(test_config()).await.expect("server builds");
+    assert_eq!(server.stats_addr(), None);
+}

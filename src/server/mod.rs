@@ -32,6 +32,8 @@ pub enum ServerError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start the connection pool: {0}")]
     Pool(#[from] PoolError),
+    #[error(transparent)]
+    Stats(#[from] crate::stats::StatsError),
 }
 
 /// A configured server, ready to run on a listener.
@@ -42,6 +44,9 @@ pub struct Server {
     pool: Option<Pool>,
     metrics: Arc<ServerMetrics>,
     telemetry: Telemetry,
+    /// Bound in `build` when `[sessions] stats_api_enabled`, so a taken port fails at start-up.
+    stats_listener: Option<TcpListener>,
+    readiness: crate::stats::Readiness,
 }
 
 impl Server {
@@ -60,7 +65,13 @@ impl Server {
             (Arc::new(DirectConnector::with_dialer(dialer, pool_config.connect_timeout())), None)
         };
         let metrics = Arc::new(ServerMetrics::default());
-        Ok(Server { config, access, connector, pool, metrics, telemetry })
+        let stats_listener = if config.sessions.stats_api_enabled {
+            Some(crate::stats::bind(&config).await?)
+        } else {
+            None
+        };
+        let readiness = crate::stats::Readiness::new();
+        Ok(Server { config, access, connector, pool, metrics, telemetry, stats_listener, readiness })
     }
 
     /// Replaces the upstream connector (harnesses inject their own).
@@ -77,6 +88,11 @@ impl Server {
         self.telemetry.clone()
     }
 
+    /// Where the stats endpoint listens, when `[sessions] stats_api_enabled` (tests bind port 0).
+    pub fn stats_addr(&self) -> Option<SocketAddr> {
+        self.stats_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The connection pool, when `[server.pool] enabled = true`.
     pub fn pool(&self) -> Option<Pool> {
         self.pool.clone()
@@ -85,10 +101,21 @@ impl Server {
     /// Serves `listener` until `shutdown` completes. Then it stops accepting at once, lets
     /// sessions in flight finish for up to `shutdown_grace_secs`, cuts the rest and returns.
     pub async fn run(
-        self,
+        mut self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
+        let stats = self.stats_listener.take().map(|stats_listener| {
+            let ctx = crate::stats::StatsContext::new(
+                self.config.clone(),
+                self.telemetry.clone(),
+                self.metrics.clone(),
+            )
+            .with_pool(self.pool.clone())
+            .with_readiness(self.readiness.clone());
+            crate::stats::spawn(stats_listener, ctx)
+        });
+        self.readiness.set_listening(true);
         let server = &self.config.server;
         let ctx = Arc::new(HandlerContext {
             auth: Authenticator::from_config(&self.config.auth),
@@ -114,6 +141,8 @@ impl Server {
         }
         // Closing the listener now makes new clients fail fast instead of queueing.
         drop(listener);
+        // /health answers 503 while draining, so a load balancer stops sending clients here.
+        self.readiness.set_listening(false);
 
         tracker.close();
         let grace = server.shutdown_grace();
@@ -124,6 +153,12 @@ impl Server {
             warn!(sessions = tracker.len(), "grace period over: cutting remaining sessions");
             cut.cancel();
             tracker.wait().await;
+        }
+        // The endpoint stays up while sessions drain (operators watch the drain), then stops.
+        if let Some(stats) = stats {
+            if let Err(e) = stats.stop().await {
+                warn!(error = %e, "stats endpoint");
+            }
         }
         if let Some(pool) = &self.pool {
             // Closes every spare, so the process leaves no half-open upstream connection behind.
