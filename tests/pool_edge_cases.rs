@@ -899,3 +899,112 @@ async fn a_hanging_dialer_cannot_leave_creates_pending() {
     assert_eq!(stats.pending_creates, 0);
     assert_settled(&pool, &[&server]).await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// A pool that keeps up with demand.
+
+/// Every dial first waits `delay`, as the handshake with a distant destination would: the
+/// delay sits on the connect path (what the pool measures), not in a server that sleeps.
+struct DistantDialer {
+    delay: Duration,
+}
+
+impl Dialer for DistantDialer {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
+        let delay = self.delay;
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            TcpDialer.dial(target, timeout).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_refill_target_rises_with_demand_and_falls_back_when_it_stops() {
+    let server = UpstreamServer::start(None).await;
+    let target = server.target();
+    let mut opts = options();
+    opts.max_idle_per_dest = 12;
+    opts.max_total_idle = 5; // below the per-destination limit: the budget must arbitrate too
+    let dialer = Arc::new(DistantDialer { delay: Duration::from_millis(20) });
+    let (pool, _) = spawn_with(opts, dialer).await;
+
+    // Sample every published state while the load runs: the spares held or on their way never
+    // pass the per-destination limit, idle ones never pass the global one, and the budget never
+    // grants more than it has; remember the highest target.
+    let mut dest = pool.watch_destination(&target).await.unwrap();
+    let mut budget = pool.watch_budget().await.unwrap();
+    let (stop, _) = watch::channel(false);
+    let mut stop_rx = stop.subscribe();
+    let sampler = tokio::spawn(async move {
+        let mut highest_target = 0;
+        loop {
+            {
+                let s = dest.borrow_and_update();
+                let committed = s.idle as u64 + s.pending_creates + s.awaiting_slots;
+                assert!(committed <= 12, "per-destination limit exceeded: {s:?}");
+                assert!(s.idle <= 5, "global limit exceeded: {s:?}");
+                highest_target = highest_target.max(s.refill.refill_target);
+            }
+            assert!(budget.borrow_and_update().in_use() <= 5, "budget exceeded");
+            tokio::select! {
+                _ = stop_rx.changed() => return highest_target,
+                changed = dest.changed() => if changed.is_err() { return highest_target },
+                changed = budget.changed() => if changed.is_err() { return highest_target },
+            }
+        }
+    });
+
+    // A burst: 16 handlers, each running 16 short sessions back to back.
+    let handlers: Vec<_> = (0..16)
+        .map(|_| {
+            let pool = pool.clone();
+            let target = target.clone();
+            tokio::spawn(async move {
+                for _ in 0..16 {
+                    let mut upstream = pool.acquire(&target).await.unwrap();
+                    who(&mut upstream.stream).await;
+                    upstream.finish(false);
+                }
+            })
+        })
+        .collect();
+    for handler in handlers {
+        handler.await.unwrap();
+    }
+    assert_settled(&pool, &[&server]).await;
+    stop.send_replace(true);
+    let highest_target = sampler.await.unwrap();
+    let busy = pool.stats().await.unwrap();
+    let busy_dest = &busy.per_destination[0];
+    // 256 checkouts in a few hundred ms over a 20 ms dial: more than one spare is needed.
+    assert!(highest_target > 1, "the target never rose: {busy_dest:?}");
+    assert!(busy_dest.refill.checkouts_per_sec > 1.0, "{busy_dest:?}");
+    assert!(busy_dest.refill.dial_time_ms.is_some_and(|ms| ms >= 20.0), "{busy_dest:?}");
+    assert!(busy_dest.idle > 1, "the pool did not fill up to its target: {busy_dest:?}");
+    assert!(busy.budget.high_water <= 5, "{busy:#?}");
+    assert!(busy.pool_hits > 0, "{busy:#?}");
+    assert_eq!(busy.trimmed, 0, "nothing is surplus while demand lasts");
+
+    // Demand stops. A minute later (paused time, well short of idle_timeout) the rate has
+    // decayed, the target is back to one spare, and the Janitor closes the surplus.
+    tokio::time::pause();
+    tokio::time::advance(Duration::from_secs(60)).await;
+    let report = pool.run_janitor().await.unwrap();
+    tokio::time::resume();
+    assert_eq!(report.expired, 0);
+    assert_eq!(report.trimmed, busy_dest.idle as u64 - 1, "{report:?}");
+    let quiet = pool.stats().await.unwrap();
+    let quiet_dest = &quiet.per_destination[0];
+    assert_eq!(quiet_dest.refill.refill_target, 1, "{quiet_dest:?}");
+    assert!(quiet_dest.refill.checkouts_per_sec < 0.01, "{quiet_dest:?}");
+    assert_eq!((quiet_dest.idle, quiet.trimmed), (1, report.trimmed));
+    // From the upstream's side: only the one remaining spare is still open.
+    assert_settled(&pool, &[&server]).await;
+    server.wait_live(|l| *l == 1).await;
+    pool.shutdown().await;
+}

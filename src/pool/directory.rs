@@ -337,13 +337,18 @@ impl DirectoryState {
                     Some(self.options.sweep_call_timeout),
                 )
                 .await;
-            let Ok(ractor::rpc::CallResult::Success(ManagerSweep { expired, cold, stats })) =
-                answer
+            let Ok(ractor::rpc::CallResult::Success(ManagerSweep {
+                expired,
+                trimmed,
+                cold,
+                stats,
+            })) = answer
             else {
                 report.unresponsive += 1;
                 continue;
             };
             report.expired += expired;
+            report.trimmed += trimmed;
             if cold {
                 // Removed before it stops, so its termination is not taken for a failure.
                 self.managers.remove(&target);

@@ -200,8 +200,9 @@ impl Connector for Pool {
                     Ok(Upstream::leased(stream, Origin::Pooled, Box::new(lease)))
                 }
                 Ok(Checkout::Miss { lease }) => {
+                    let started = tokio::time::Instant::now();
                     let dialed = self.dial(target).await;
-                    lease.report_dial(dialed.is_ok());
+                    lease.report_dial(dialed.is_ok(), started.elapsed());
                     // On error the lease is dropped here, which ends it.
                     Ok(Upstream::leased(dialed?, Origin::Dialed, Box::new(lease)))
                 }

@@ -1,5 +1,7 @@
 //! The pool's side of `upstream::Lease`: tells the PoolManager when a session ends.
 
+use std::time::Duration;
+
 use ractor::ActorRef;
 use tokio::net::TcpStream;
 
@@ -18,10 +20,10 @@ impl PoolLease {
         PoolLease { manager: Some(manager) }
     }
 
-    /// Reports the outcome of the caller's own dial after a `Miss`.
-    pub fn report_dial(&self, ok: bool) {
+    /// Reports the outcome of the caller's own dial after a `Miss`, and how long it took.
+    pub fn report_dial(&self, ok: bool, took: Duration) {
         if let Some(manager) = &self.manager {
-            let _ = manager.cast(ManagerMsg::MissDialed { ok });
+            let _ = manager.cast(ManagerMsg::MissDialed { ok, took });
         }
     }
 

@@ -1,11 +1,13 @@
 //! The PoolManager: one actor per destination, owner of that destination's spares.
 //!
 //! It hands out spares LIFO (the most recently pooled first, so surplus ones age out), keeps
-//! in-use and pending-create counts, enforces `max_idle_per_dest`, and dials replacements in the
-//! background: one when a spare is handed out (so the next spare is ready a session-length
-//! sooner) and one after a miss (so the second client can hit). Every connection enters the
-//! pool only with a GlobalBudget slot reserved first. Bytes never pass through here: streams
-//! are handed over whole.
+//! in-use and pending-create counts, enforces `max_idle_per_dest`, and dials spares in the
+//! background up to a target sized from the demand it observes (see [`super::refill`]): a
+//! checkout (hit or miss) and a finished dial each start up to a few dials while the spares held
+//! or on their way fall short of the target, so a spare handed out is replaced at once and a
+//! busy destination ramps up. When demand falls, spares are no longer replaced and the surplus
+//! is closed by the Janitor's sweep. Every connection enters the pool only with a GlobalBudget
+//! slot reserved first. Bytes never pass through here: streams are handed over whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,7 +23,7 @@ use super::category;
 use super::lease::PoolLease;
 use super::messages::{BudgetMsg, Checkout, Fault, ManagerMsg, ManagerSweep, SlotId, SpareId};
 use super::options::PoolOptions;
-use super::refill::{Backoff, RefillTarget};
+use super::refill::{Backoff, RefillTarget, SURPLUS_GRACE};
 use super::spare::{probe, Probe, Spare};
 use super::stats::{DestCounters, DestStats};
 use crate::socks::TargetAddr;
@@ -129,7 +131,9 @@ impl ManagerState {
         match message {
             ManagerMsg::Acquire(reply) if reply.is_closed() => {
                 // The caller timed out and dialed directly: handing it a spare would lose it.
+                // It still wanted a connection, so it counts as demand.
                 self.counters.abandoned += 1;
+                self.refill.observe_checkout(Instant::now());
             }
             ManagerMsg::Acquire(reply) => {
                 let checkout = self.checkout(myself).await;
@@ -138,9 +142,11 @@ impl ManagerState {
                 let _ = reply.send(checkout);
             }
             ManagerMsg::Release { untouched } => self.release(myself, untouched),
-            ManagerMsg::MissDialed { ok } => {
+            ManagerMsg::MissDialed { ok, took } => {
                 if ok {
                     self.counters.created += 1;
+                    // The client's own dial measures the path as well as a background one.
+                    self.refill.observe_dial(took);
                 } else {
                     self.counters.connect_failures += 1;
                 }
@@ -154,12 +160,13 @@ impl ManagerState {
             ManagerMsg::PeerClosed { spare } => self.peer_closed(spare).await,
             ManagerMsg::Sweep { now, idle_timeout, cold_after, reply } => {
                 let expired = self.expire(now, idle_timeout).await;
+                let trimmed = self.trim_surplus(now).await;
                 let cold = self.idle.is_empty()
                     && self.in_use == 0
                     && self.pending_dials == 0
                     && self.awaiting.is_empty()
                     && now.saturating_duration_since(self.last_activity) >= cold_after;
-                let _ = reply.send(ManagerSweep { expired, cold, stats: self.snapshot() });
+                let _ = reply.send(ManagerSweep { expired, trimmed, cold, stats: self.snapshot() });
             }
             ManagerMsg::Stats(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -174,10 +181,11 @@ impl ManagerState {
     }
 
     /// Hands out the newest valid spare, or answers `Miss`. Either way the session is counted
-    /// in use and, if the refill target wants it, one background dial is started.
+    /// in use and, if the refill target wants it, background dials are started.
     async fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
         let now = Instant::now();
         self.last_activity = now;
+        self.refill.observe_checkout(now);
         let mut found = None;
         while let Some(spare) = self.idle.pop() {
             let slot = spare.slot;
@@ -225,10 +233,15 @@ impl ManagerState {
         self.idle.len() + self.pending_dials as usize + self.awaiting.len()
     }
 
+    /// Starts background dials while the spares held or on their way fall short of the target,
+    /// a few per event at most (the next checkout or finished dial continues the ramp).
     fn maybe_refill(&mut self, myself: &ActorRef<ManagerMsg>, now: Instant) {
-        if self.committed() < self.refill.target().min(self.options.max_idle_per_dest)
-            && self.backoff.allows(now)
-        {
+        let target = self.refill.target(now).min(self.options.max_idle_per_dest);
+        for _ in 0..self.refill.dials_per_event() {
+            if self.committed() >= target || !self.backoff.allows(now) {
+                break;
+            }
+            // A refused slot (budget down) does not raise `committed`: the loop bound ends it.
             self.ask_slot(myself, SlotPurpose::Refill);
         }
     }
@@ -334,6 +347,9 @@ impl ManagerState {
                 self.backoff.succeeded();
                 self.refill.observe_dial(took);
                 self.pool(myself, stream, slot);
+                if self.refill.refills_after_dials() {
+                    self.maybe_refill(myself, Instant::now());
+                }
             }
             Err(error) => {
                 self.release_slot(slot);
@@ -411,7 +427,30 @@ impl ManagerState {
         expired
     }
 
+    /// Closes idle spares beyond the current target that have waited `SURPLUS_GRACE`, oldest
+    /// first: LIFO hand-out leaves the least recently pooled at the bottom, so those are the
+    /// ones demand no longer reaches. Their budget slots go back to other destinations.
+    async fn trim_surplus(&mut self, now: Instant) -> u64 {
+        let keep = self.refill.keep_at_most(now);
+        let mut trimmed = 0;
+        while self.committed() > keep
+            && self
+                .idle
+                .first()
+                .is_some_and(|s| now.saturating_duration_since(s.pooled_at) >= SURPLUS_GRACE)
+        {
+            let spare = self.idle.remove(0);
+            let slot = spare.slot;
+            drop(spare.reclaim().await);
+            self.release_slot(slot);
+            trimmed += 1;
+        }
+        self.counters.trimmed += trimmed;
+        trimmed
+    }
+
     fn snapshot(&self) -> DestStats {
+        let now = Instant::now();
         DestStats {
             destination: self.label.clone(),
             idle: self.idle.len(),
@@ -419,7 +458,8 @@ impl ManagerState {
             in_use: self.in_use,
             pending_creates: self.pending_dials,
             awaiting_slots: self.awaiting.len() as u64,
-            backing_off: self.backoff.is_active(Instant::now()),
+            backing_off: self.backoff.is_active(now),
+            refill: self.refill.stats(now),
             counters: self.counters,
         }
     }

@@ -48,6 +48,8 @@ pub enum Fault {
 #[derive(Debug, Clone)]
 pub struct ManagerSweep {
     pub expired: u64,
+    /// Surplus spares closed because demand fell (see `refill`).
+    pub trimmed: u64,
     /// Nothing idle, in use or pending, and no traffic for `cold_after`.
     pub cold: bool,
     pub stats: DestStats,
@@ -58,6 +60,8 @@ pub struct ManagerSweep {
 pub struct SweepReport {
     /// Spares closed because they were older than `idle_timeout`.
     pub expired: u64,
+    /// Surplus spares closed because demand fell below what they were dialed for.
+    pub trimmed: u64,
     /// Cold destinations whose PoolManager was stopped.
     pub pruned: u64,
     /// Destinations with a PoolManager after the pass.
@@ -72,8 +76,9 @@ pub enum ManagerMsg {
     Acquire(RpcReplyPort<Checkout>),
     /// A lease ended. `untouched` is the stream back if not a byte moved either way.
     Release { untouched: Option<TcpStream> },
-    /// The caller of a `Miss` finished its own dial.
-    MissDialed { ok: bool },
+    /// The caller of a `Miss` finished its own dial (`took`: how long, which the refill target
+    /// uses as a measure of the path).
+    MissDialed { ok: bool, took: Duration },
     /// A background dial finished.
     DialDone { slot: SlotId, result: Result<TcpStream, ConnectError>, took: Duration },
     /// The GlobalBudget granted a reservation requested with `tag`.
@@ -84,7 +89,8 @@ pub enum ManagerMsg {
     Evict { slot: SlotId },
     /// An idle spare's peer closed or reset it.
     PeerClosed { spare: SpareId },
-    /// Expire spares older than `idle_timeout` and report whether the destination is cold.
+    /// Expire spares older than `idle_timeout`, close surplus spares, and report whether the
+    /// destination is cold.
     Sweep {
         now: Instant,
         idle_timeout: Duration,

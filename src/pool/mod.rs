@@ -5,8 +5,10 @@
 //! connections no client has used yet.
 //! - A spare is handed out LIFO, after a non-blocking check (a peer-closed spare is discarded;
 //!   unread bytes on it are a server greeting and stay there for the client).
-//! - Handing out a spare, and a miss, each start one background dial (within the
-//!   per-destination limit, the global budget and the failure backoff), so the next client hits.
+//! - Handing out a spare, and a miss, each start background dials up to a target sized from
+//!   the observed checkout rate and dial time (Little's law, see [`refill`]), within the
+//!   per-destination limit, the global budget and the failure backoff, so the next client hits;
+//!   when demand falls, surplus spares are not replaced and the Janitor closes them.
 //! - A session that moved no byte either way may hand its connection back; it is pooled as a
 //!   spare again. A used connection is closed when its session ends.
 //!
@@ -93,7 +95,7 @@ pub use messages::{
     BudgetMsg, Checkout, DirectoryMsg, Fault, JanitorMsg, ManagerMsg, ManagerSweep, SweepReport,
 };
 pub use options::PoolOptions;
-pub use refill::RefillMode;
+pub use refill::{RefillMode, RefillStats};
 pub use stats::{BudgetStats, DestCounters, DestStats, PoolStats};
 
 /// Telemetry categories the pool records under.

@@ -46,7 +46,7 @@ impl PoolOptions {
             sweep_call_timeout: Duration::from_secs(1),
             backoff_base: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
-            refill: RefillMode::Replace,
+            refill: RefillMode::Adaptive,
         }
     }
 }

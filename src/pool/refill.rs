@@ -1,45 +1,161 @@
 //! How many spares a destination should have, and when a failing destination may be dialed
-//! again. Kept apart from the PoolManager so a later policy (adaptive to checkout rate x dial
-//! time) replaces only this file.
+//! again. Kept apart from the PoolManager so the policy can be tested on its own, with the
+//! clock passed in.
+//!
+//! # The adaptive target (Little's law)
+//! A spare handed out is replaced by a background dial that takes the dial time `D`; meanwhile
+//! checkouts keep arriving at rate `λ`. So about `λ·D` spares are always on their way, and the
+//! idle stock must cover the checkouts that arrive during one dial: the destination needs
+//! `λ·D` spares committed (idle plus dialing), plus headroom for the spread of arrivals. For
+//! Poisson arrivals the count in one dial time has a standard deviation of `√(λ·D)`, so the
+//! target is `⌈λ·D + 2·√(λ·D)⌉`, at least 1 (the replacement of the last spare handed out), at
+//! most `max_idle_per_dest`. `λ` decays exponentially when checkouts stop, so the target
+//! falls back to 1 within a few `RATE_WINDOW`s; surplus spares are then not replaced, and the
+//! Janitor closes those idle longer than `SURPLUS_GRACE` (oldest first, as LIFO leaves them).
 
 use std::time::Duration;
 
+use serde::Serialize;
 use tokio::time::Instant;
 
-/// Whether the pool dials spares in the background at all.
+/// Whether and how the pool dials spares in the background.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum RefillMode {
-    /// Replace each spare when it is handed out, and dial one after each miss.
+    /// Size the refill from the observed checkout rate and dial time (see the module docs).
     #[default]
+    Adaptive,
+    /// The earlier static policy, kept as a baseline for comparisons: one background dial per
+    /// checkout, up to `max_idle_per_dest`, and never shrink before `idle_timeout`.
     Replace,
     /// Never dial in the background: only untouched returns become spares. For harnesses that
     /// need a deterministic pool content.
     Off,
 }
 
-/// The number of spares (idle plus dialing) a destination aims for.
+/// Time constant of the checkout-rate estimate: long enough to smooth out one burst, short
+/// enough that the target follows a change in load within seconds.
+pub const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// Weight of the newest dial in the dial-time average (1/5: a few dials to move it).
+const DIAL_TIME_WEIGHT: f64 = 0.2;
+/// Standard deviations of arrivals during one dial that the idle stock should cover.
+const HEADROOM_SIGMAS: f64 = 2.0;
+/// Background dials one event (a checkout, a finished dial) may start at once: the pool ramps
+/// up quickly without opening a burst of connections to a destination in one instant.
+pub const MAX_DIALS_PER_EVENT: usize = 4;
+/// A spare beyond the target that has sat idle this long is closed by the Janitor. Well above
+/// `RATE_WINDOW`, so a short lull does not close spares the next second needs again.
+pub const SURPLUS_GRACE: Duration = Duration::from_secs(10);
+
+/// The target and the measurements it comes from, as the stats show them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RefillStats {
+    /// Spares (idle plus dialing) this destination aims for now.
+    pub refill_target: usize,
+    /// Recent checkouts per second (exponentially decaying average over `RATE_WINDOW`).
+    pub checkouts_per_sec: f64,
+    /// Average recent dial time in milliseconds; `None` until a dial has been timed.
+    pub dial_time_ms: Option<f64>,
+    /// `checkouts_per_sec × dial time`: spares in flight by Little's law, before headroom.
+    pub demand_spares: f64,
+}
+
+/// The refill policy of one destination, fed by its PoolManager.
 #[derive(Debug, Clone)]
 pub struct RefillTarget {
     mode: RefillMode,
     max_idle_per_dest: usize,
+    /// Checkouts per second as of `rate_at`.
+    rate: f64,
+    rate_at: Option<Instant>,
+    dial_secs: Option<f64>,
 }
 
 impl RefillTarget {
     pub fn new(mode: RefillMode, max_idle_per_dest: usize) -> Self {
-        RefillTarget { mode, max_idle_per_dest }
+        RefillTarget { mode, max_idle_per_dest, rate: 0.0, rate_at: None, dial_secs: None }
     }
 
-    /// Spares wanted now. Static for now: up to the per-destination limit, one background
-    /// dial per checkout (see `PoolManager`), so the pool grows to the concurrency it sees.
-    pub fn target(&self) -> usize {
+    pub fn mode(&self) -> RefillMode {
+        self.mode
+    }
+
+    /// Counts one checkout at `now` (each adds `1/RATE_WINDOW`, and the sum decays with
+    /// `e^(-t/RATE_WINDOW)`, so at a steady rate it converges to that rate).
+    pub fn observe_checkout(&mut self, now: Instant) {
+        self.rate = self.rate_at(now) + 1.0 / RATE_WINDOW.as_secs_f64();
+        self.rate_at = Some(now);
+    }
+
+    /// A successful dial to this destination took `took`.
+    pub fn observe_dial(&mut self, took: Duration) {
+        let took = took.as_secs_f64();
+        self.dial_secs = Some(match self.dial_secs {
+            Some(avg) => avg + DIAL_TIME_WEIGHT * (took - avg),
+            None => took,
+        });
+    }
+
+    /// Checkouts per second, decayed to `now`.
+    pub fn rate_at(&self, now: Instant) -> f64 {
+        match self.rate_at {
+            Some(at) => {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                self.rate * (-elapsed / RATE_WINDOW.as_secs_f64()).exp()
+            }
+            None => 0.0,
+        }
+    }
+
+    fn demand_spares(&self, now: Instant) -> f64 {
+        self.rate_at(now) * self.dial_secs.unwrap_or(0.0)
+    }
+
+    /// Spares (idle plus dialing) wanted at `now`.
+    pub fn target(&self, now: Instant) -> usize {
         match self.mode {
+            RefillMode::Adaptive => {
+                let demand = self.demand_spares(now);
+                let wanted = (demand + HEADROOM_SIGMAS * demand.sqrt()).ceil();
+                // `as` saturates on huge values; the limit caps it anyway.
+                (wanted as usize).max(1).min(self.max_idle_per_dest)
+            }
             RefillMode::Replace => self.max_idle_per_dest,
             RefillMode::Off => 0,
         }
     }
 
-    /// Hook for an adaptive policy: how long a successful background dial took.
-    pub fn observe_dial(&mut self, _took: Duration) {}
+    /// How many background dials one event may start now.
+    pub fn dials_per_event(&self) -> usize {
+        match self.mode {
+            RefillMode::Adaptive => MAX_DIALS_PER_EVENT,
+            RefillMode::Replace => 1,
+            RefillMode::Off => 0,
+        }
+    }
+
+    /// Whether a finished dial may start the next ones (the adaptive policy fills up to its
+    /// target; the static one dials only on checkouts).
+    pub fn refills_after_dials(&self) -> bool {
+        self.mode == RefillMode::Adaptive
+    }
+
+    /// Idle spares beyond this many may be closed as surplus (only the adaptive policy
+    /// shrinks; the others keep spares until `idle_timeout`).
+    pub fn keep_at_most(&self, now: Instant) -> usize {
+        match self.mode {
+            RefillMode::Adaptive => self.target(now),
+            RefillMode::Replace | RefillMode::Off => usize::MAX,
+        }
+    }
+
+    pub fn stats(&self, now: Instant) -> RefillStats {
+        RefillStats {
+            refill_target: self.target(now),
+            checkouts_per_sec: self.rate_at(now),
+            dial_time_ms: self.dial_secs.map(|s| s * 1000.0),
+            demand_spares: self.demand_spares(now),
+        }
+    }
 }
 
 /// Exponential backoff for background dials to a failing destination, so a dead upstream is
@@ -114,8 +230,102 @@ mod tests {
     }
 
     #[test]
-    fn refill_off_wants_nothing() {
-        assert_eq!(RefillTarget::new(RefillMode::Off, 4).target(), 0);
-        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).target(), 4);
+    fn refill_off_wants_nothing_and_static_wants_the_limit() {
+        let now = Instant::now();
+        assert_eq!(RefillTarget::new(RefillMode::Off, 4).target(now), 0);
+        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).target(now), 4);
+        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).keep_at_most(now), usize::MAX);
+    }
+
+    /// Feeds `per_sec` evenly spaced checkouts for `seconds`, starting at `start`; returns the
+    /// time of the last one.
+    fn steady(target: &mut RefillTarget, start: Instant, per_sec: u32, seconds: u32) -> Instant {
+        let gap = Duration::from_secs(1) / per_sec;
+        let mut now = start;
+        for _ in 0..per_sec * seconds {
+            now += gap;
+            target.observe_checkout(now);
+        }
+        now
+    }
+
+    #[test]
+    fn a_quiet_destination_wants_one_spare() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        // Nothing observed yet: the replacement of the first checkout only.
+        assert_eq!(target.target(start), 1);
+        target.observe_checkout(start);
+        target.observe_dial(Duration::from_millis(10));
+        // One checkout over a 10 ms path needs far less than one spare in flight.
+        assert_eq!(target.target(start), 1);
+        let stats = target.stats(start);
+        assert_eq!(stats.dial_time_ms, Some(10.0));
+        assert!((stats.checkouts_per_sec - 0.5).abs() < 1e-9, "{stats:?}");
+    }
+
+    #[test]
+    fn the_rate_converges_to_a_steady_rate() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        let end = steady(&mut target, start, 1000, 20);
+        let rate = target.rate_at(end);
+        assert!((rate - 1000.0).abs() < 1000.0 * 0.01, "estimated {rate}/s for 1000/s");
+    }
+
+    #[test]
+    fn the_target_follows_littles_law_with_headroom() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 1000);
+        for _ in 0..10 {
+            target.observe_dial(Duration::from_millis(10));
+        }
+        let end = steady(&mut target, start, 1600, 20);
+        // 1600/s x 10 ms = 16 spares in flight, plus 2 x sqrt(16) = 8 of headroom.
+        let stats = target.stats(end);
+        assert!((stats.demand_spares - 16.0).abs() < 0.2, "{stats:?}");
+        // (Just after a checkout the decaying rate sits a hair above the mean, so 24 or 25.)
+        assert!((24..=25).contains(&stats.refill_target), "{stats:?}");
+        // A slower path needs proportionally more: 50 ms -> 80 + 2 x sqrt(80) = 97.9 -> 98.
+        for _ in 0..100 {
+            target.observe_dial(Duration::from_millis(50));
+        }
+        assert_eq!(target.target(end), 98);
+    }
+
+    #[test]
+    fn the_target_never_exceeds_the_per_destination_limit() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 4);
+        target.observe_dial(Duration::from_millis(50));
+        let end = steady(&mut target, start, 5000, 5);
+        assert_eq!(target.target(end), 4);
+        assert_eq!(RefillTarget::new(RefillMode::Adaptive, 0).target(end), 0);
+    }
+
+    #[test]
+    fn the_target_falls_back_when_demand_stops() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        target.observe_dial(Duration::from_millis(10));
+        let end = steady(&mut target, start, 1600, 10);
+        let busy = target.target(end);
+        assert!(busy > 20, "{busy}");
+        // One window later the rate is down to 1/e, and the target with it (monotonically).
+        let later = target.target(end + RATE_WINDOW);
+        assert!(later < busy && later > 1, "{busy} -> {later}");
+        // Ten windows later the demand is gone: back to the single replacement spare.
+        assert_eq!(target.target(end + RATE_WINDOW * 10), 1);
+        assert_eq!(target.keep_at_most(end + RATE_WINDOW * 10), 1);
+    }
+
+    #[test]
+    fn dial_time_is_a_moving_average() {
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        target.observe_dial(Duration::from_millis(10));
+        target.observe_dial(Duration::from_millis(60));
+        // 10 + 0.2 x (60 - 10) = 20 ms.
+        let ms = target.stats(Instant::now()).dial_time_ms.unwrap_or_default();
+        assert!((ms - 20.0).abs() < 1e-6, "{ms}");
     }
 }

@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use super::refill::RefillStats;
+
 /// Counters that only grow. Kept separately so a restarted PoolManager continues from its
 /// predecessor's numbers and a pruned destination's history stays in the totals.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -17,6 +19,8 @@ pub struct DestCounters {
     pub dropped_full: u64,
     /// Spares closed for being older than `idle_timeout`.
     pub expired: u64,
+    /// Surplus spares closed after demand fell below what they were dialed for.
+    pub trimmed: u64,
     /// Spares closed by the GlobalBudget to make room elsewhere.
     pub evicted: u64,
     /// Failed dials (background and for misses).
@@ -42,6 +46,7 @@ impl DestCounters {
         self.misses += other.misses;
         self.dropped_full += other.dropped_full;
         self.expired += other.expired;
+        self.trimmed += other.trimmed;
         self.evicted += other.evicted;
         self.connect_failures += other.connect_failures;
         self.validation_drops += other.validation_drops;
@@ -53,7 +58,7 @@ impl DestCounters {
 }
 
 /// One destination's state and history.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct DestStats {
     /// The destination as clients named it.
     pub destination: String,
@@ -70,6 +75,10 @@ pub struct DestStats {
     pub awaiting_slots: u64,
     /// Background dials are paused after failures.
     pub backing_off: bool,
+    /// The refill target and the demand it was sized from (`refill_target`,
+    /// `checkouts_per_sec`, `dial_time_ms`, `demand_spares`).
+    #[serde(flatten)]
+    pub refill: RefillStats,
     #[serde(flatten)]
     pub counters: DestCounters,
 }
@@ -107,7 +116,7 @@ impl BudgetStats {
 }
 
 /// The whole pool. The first eleven fields are the seed's; the rest explain them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct PoolStats {
     pub total_idle: usize,
     pub destinations: usize,
@@ -125,6 +134,8 @@ pub struct PoolStats {
     pub peer_closed: u64,
     pub returned_untouched: u64,
     pub refill_denied: u64,
+    /// Surplus spares closed after demand fell.
+    pub trimmed: u64,
     /// PoolManagers restarted after a failure.
     pub manager_restarts: u64,
     /// Cold destinations whose PoolManager was stopped.
@@ -172,6 +183,7 @@ impl PoolStats {
         stats.peer_closed = counters.peer_closed;
         stats.returned_untouched = counters.returned_untouched;
         stats.refill_denied = counters.refill_denied;
+        stats.trimmed = counters.trimmed;
         stats.per_destination = per_destination;
         stats
     }
