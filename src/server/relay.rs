@@ -2,7 +2,7 @@
 
 use std::io;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -33,16 +33,12 @@ pub async fn relay(
     if pending.is_empty() {
         // Wait for the first event before touching the upstream. A client that leaves without
         // sending anything (a browser's unused preconnect, say) hands back an untouched spare.
-        let mut first = vec![0u8; RELAY_BUFFER];
+        // Peeking needs no buffer and leaves the bytes for the copy below.
+        let mut probe = [0u8; 1];
         tokio::select! {
-            read = client.read(&mut first) => match read {
-                Ok(0) | Err(_) => {
-                    return Ok(RelayOutcome { upstream_untouched: true, ..outcome });
-                }
-                Ok(n) => {
-                    upstream.write_all(&first[..n]).await?;
-                    outcome.client_to_upstream += n as u64;
-                }
+            peeked = client.peek(&mut probe) => match peeked {
+                Ok(0) | Err(_) => return Ok(RelayOutcome { upstream_untouched: true, ..outcome }),
+                Ok(_) => {}
             },
             // The upstream speaks first (a server greeting) or closed: either way it is used now.
             ready = upstream.readable() => ready?,
