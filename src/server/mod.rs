@@ -71,7 +71,16 @@ impl Server {
             None
         };
         let readiness = crate::stats::Readiness::new();
-        Ok(Server { config, access, connector, pool, metrics, telemetry, stats_listener, readiness })
+        Ok(Server {
+            config,
+            access,
+            connector,
+            pool,
+            metrics,
+            telemetry,
+            stats_listener,
+            readiness,
+        })
     }
 
     /// Replaces the upstream connector (harnesses inject their own).
