@@ -42,6 +42,8 @@ pub struct BudgetState {
     waiters: VecDeque<(ActorRef<ManagerMsg>, u64)>,
     next_slot: SlotId,
     next_seq: u64,
+    /// Kept up to date on every transition (not recounted), so publishing is O(1) however many
+    /// slots are out.
     stats: BudgetStats,
     publish: Arc<watch::Sender<BudgetStats>>,
 }
@@ -108,10 +110,13 @@ impl BudgetState {
                 self.pooled_order.remove(&seq);
                 if let Some(slot) = self.slots.get_mut(&slot_id) {
                     slot.state = SlotState::Evicting;
+                    self.stats.pooled -= 1;
+                    self.stats.evicting += 1;
                     self.stats.evictions += 1;
                     if slot.owner.cast(ManagerMsg::Evict { slot: slot_id }).is_err() {
                         // Its manager is gone; the slot is free right away.
                         self.slots.remove(&slot_id);
+                        self.stats.evicting -= 1;
                     }
                 }
                 self.waiters.push_back((owner, tag));
@@ -129,6 +134,7 @@ impl BudgetState {
         self.next_slot += 1;
         if owner.cast(ManagerMsg::SlotGranted { tag, slot }).is_ok() {
             self.slots.insert(slot, Slot { owner, state: SlotState::Reserved });
+            self.stats.reserved += 1;
             self.stats.granted += 1;
             self.stats.high_water = self.stats.high_water.max(self.slots.len());
         }
@@ -146,17 +152,27 @@ impl BudgetState {
 
     fn pooled(&mut self, slot_id: SlotId) {
         if let Some(slot) = self.slots.get_mut(&slot_id) {
+            if !matches!(slot.state, SlotState::Reserved) {
+                return; // pooled twice: a bug elsewhere, but never count it twice here
+            }
             let seq = self.next_seq;
             self.next_seq += 1;
             slot.state = SlotState::Pooled(seq);
             self.pooled_order.insert(seq, slot_id);
+            self.stats.reserved -= 1;
+            self.stats.pooled += 1;
         }
     }
 
     fn release(&mut self, slot_id: SlotId) {
         if let Some(slot) = self.slots.remove(&slot_id) {
-            if let SlotState::Pooled(seq) = slot.state {
-                self.pooled_order.remove(&seq);
+            match slot.state {
+                SlotState::Reserved => self.stats.reserved -= 1,
+                SlotState::Pooled(seq) => {
+                    self.pooled_order.remove(&seq);
+                    self.stats.pooled -= 1;
+                }
+                SlotState::Evicting => self.stats.evicting -= 1,
             }
         }
         self.grant_waiters();
@@ -177,19 +193,21 @@ impl BudgetState {
     }
 
     fn snapshot(&self) -> BudgetStats {
-        let mut stats = self.stats.clone();
-        stats.reserved = 0;
-        stats.pooled = 0;
-        stats.evicting = 0;
-        for slot in self.slots.values() {
-            match slot.state {
-                SlotState::Reserved => stats.reserved += 1,
-                SlotState::Pooled(_) => stats.pooled += 1,
-                SlotState::Evicting => stats.evicting += 1,
+        // Debug builds (every test) recount the slots to prove the running counts exact.
+        #[cfg(debug_assertions)]
+        {
+            let mut counted = (0, 0, 0);
+            for slot in self.slots.values() {
+                match slot.state {
+                    SlotState::Reserved => counted.0 += 1,
+                    SlotState::Pooled(_) => counted.1 += 1,
+                    SlotState::Evicting => counted.2 += 1,
+                }
             }
+            let kept = (self.stats.reserved, self.stats.pooled, self.stats.evicting);
+            assert_eq!(counted, kept, "budget counts drifted from its slots");
         }
-        stats.waiting = self.waiters.len();
-        stats
+        BudgetStats { waiting: self.waiters.len(), ..self.stats.clone() }
     }
 
     fn publish(&self) {

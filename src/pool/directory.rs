@@ -1,16 +1,20 @@
 //! The Directory: maps each destination to its PoolManager and supervises the pool's actors.
 //!
 //! It spawns the GlobalBudget and the Janitor linked in `pre_start`, and PoolManagers linked on
-//! first demand. Checkouts are forwarded through it (a map lookup and a cast), which also makes
-//! pruning race-free: a cold manager is stopped while the Directory handles the sweep, so no
-//! checkout can be on its way to it. Restarts are decided in `handle_supervisor_evt`:
+//! first demand. It publishes its map as [`Routes`], so `Pool` handles send checkouts straight
+//! to a known manager (one hop instead of two); only the first checkout to a destination, and
+//! any checkout whose direct send failed, goes through the Directory. The Directory is the only
+//! writer of the routes, so they never list a manager it dropped. Pruning stays race-free: a
+//! manager that reported itself cold refuses direct checkouts (the caller then comes through
+//! the Directory), and the Directory removes its route before stopping it. Restarts are
+//! decided in `handle_supervisor_evt`:
 //! - a PoolManager that fails, is killed or stops unasked is replaced at once (its spares die
 //!   with it; the budget frees its slots; its counters carry over);
 //! - a failed GlobalBudget takes all PoolManagers with it (their spares hold its slots), then
 //!   everything starts afresh; a failed Janitor is simply restarted.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -35,6 +39,38 @@ pub struct DirectoryArgs {
     pub options: Arc<PoolOptions>,
     pub dialer: Arc<dyn Dialer>,
     pub telemetry: Telemetry,
+    pub routes: Routes,
+}
+
+/// Each destination's live PoolManager, written only by the Directory, read by `Pool` handles
+/// so that a checkout needs no Directory hop. A read lock is held only for a map lookup.
+#[derive(Clone, Default)]
+pub struct Routes(Arc<RwLock<HashMap<TargetAddr, ActorRef<ManagerMsg>>>>);
+
+impl Routes {
+    pub fn get(&self, target: &TargetAddr) -> Option<ActorRef<ManagerMsg>> {
+        // A poisoned lock (a panic mid-update, which these short sections cannot do) only
+        // costs the shortcut: callers then go through the Directory.
+        self.0.read().ok().and_then(|map| map.get(target).cloned())
+    }
+
+    fn set(&self, target: TargetAddr, manager: ActorRef<ManagerMsg>) {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(target, manager);
+        }
+    }
+
+    fn remove(&self, target: &TargetAddr) {
+        if let Ok(mut map) = self.0.write() {
+            map.remove(target);
+        }
+    }
+
+    fn clear(&self) {
+        if let Ok(mut map) = self.0.write() {
+            map.clear();
+        }
+    }
 }
 
 struct Entry {
@@ -50,6 +86,7 @@ pub struct DirectoryState {
     budget_stats: Arc<watch::Sender<BudgetStats>>,
     janitor: ActorRef<JanitorMsg>,
     managers: HashMap<TargetAddr, Entry>,
+    routes: Routes,
     by_id: HashMap<ActorId, TargetAddr>,
     /// History of destinations pruned or lost with a failed budget.
     retired: DestCounters,
@@ -78,6 +115,7 @@ impl Actor for Directory {
             budget_stats,
             janitor,
             managers: HashMap::new(),
+            routes: args.routes,
             by_id: HashMap::new(),
             retired: DestCounters::default(),
             manager_restarts: 0,
@@ -88,9 +126,10 @@ impl Actor for Directory {
     async fn post_stop(
         &self,
         myself: ActorRef<Self::Msg>,
-        _state: &mut DirectoryState,
+        state: &mut DirectoryState,
     ) -> Result<(), ActorProcessingErr> {
         // Stopping the linked children closes every spare with the pool, before shutdown returns.
+        state.routes.clear();
         myself
             .stop_children_and_wait(Some("pool shut down".into()), Some(Duration::from_secs(5)))
             .await;
@@ -243,6 +282,7 @@ impl DirectoryState {
         match Actor::spawn_linked(None, PoolManager, args, myself.get_cell()).await {
             Ok((manager, _)) => {
                 self.by_id.insert(manager.get_id(), target.clone());
+                self.routes.set(target.clone(), manager.clone());
                 self.managers.insert(target, Entry { manager: manager.clone(), stats });
                 Some(manager)
             }
@@ -267,6 +307,7 @@ impl DirectoryState {
         let Some(entry) = self.managers.remove(&target) else {
             return;
         };
+        self.routes.remove(&target);
         self.manager_restarts += 1;
         let counters = entry.stats.borrow().counters;
         tracing::warn!(%target, why, "pool manager died; restarting it");
@@ -301,6 +342,7 @@ impl DirectoryState {
         );
         // Every spare holds a slot of the dead budget: stop all managers before a new budget
         // hands out slots, so the global limit holds throughout.
+        self.routes.clear();
         for (target, entry) in self.managers.drain() {
             self.by_id.remove(&entry.manager.get_id());
             self.retired.add(&entry.stats.borrow().counters);
@@ -350,8 +392,10 @@ impl DirectoryState {
             report.expired += expired;
             report.trimmed += trimmed;
             if cold {
-                // Removed before it stops, so its termination is not taken for a failure.
+                // Removed before it stops, so its termination is not taken for a failure, and
+                // no handle routes a checkout to it any more.
                 self.managers.remove(&target);
+                self.routes.remove(&target);
                 self.by_id.remove(&manager.get_id());
                 self.retired.add(&stats.counters);
                 self.pruned += 1;

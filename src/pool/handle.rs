@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::category;
-use super::directory::{Directory, DirectoryArgs};
+use super::directory::{Directory, DirectoryArgs, Routes};
 use super::messages::{Checkout, DirectoryMsg, ManagerMsg, SweepReport};
 use super::options::PoolOptions;
 use super::stats::{BudgetStats, DestStats, PoolStats};
@@ -31,6 +31,7 @@ pub enum PoolError {
 #[derive(Clone)]
 pub struct Pool {
     directory: ActorRef<DirectoryMsg>,
+    routes: Routes,
     dialer: Arc<dyn Dialer>,
     options: Arc<PoolOptions>,
     telemetry: Telemetry,
@@ -49,16 +50,19 @@ impl Pool {
         telemetry: Telemetry,
     ) -> Result<Pool, PoolError> {
         let options = Arc::new(options);
+        let routes = Routes::default();
         let args = DirectoryArgs {
             options: Arc::clone(&options),
             dialer: Arc::clone(&dialer),
             telemetry: telemetry.clone(),
+            routes: routes.clone(),
         };
         let (directory, _) = Actor::spawn(None, Directory, args)
             .await
             .map_err(|e| PoolError::Spawn(e.to_string()))?;
         Ok(Pool {
             directory,
+            routes,
             dialer,
             options,
             telemetry,
@@ -141,8 +145,22 @@ impl Pool {
             .await;
     }
 
-    /// The pool's answer to a checkout, or why there is none.
+    /// The pool's answer to a checkout, or why there is none. Straight to the destination's
+    /// manager when the Directory has published its route; through the Directory the first
+    /// time, and whenever the direct send fails (the manager died, is being restarted or was
+    /// pruned), since the Directory knows what replaced it.
     async fn checkout(&self, target: &TargetAddr) -> Result<Checkout, String> {
+        if let Some(manager) = self.routes.get(target) {
+            match manager.call(ManagerMsg::AcquireDirect, Some(self.options.checkout_timeout)).await
+            {
+                Ok(CallResult::Success(checkout)) => return Ok(checkout),
+                // A wedged manager: the client has waited long enough, it dials directly.
+                Ok(CallResult::Timeout) => {
+                    return Err(format!("no answer within {:?}", self.options.checkout_timeout))
+                }
+                Ok(CallResult::SenderError) | Err(_) => {}
+            }
+        }
         let target_owned = target.clone();
         match self
             .directory

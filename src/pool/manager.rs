@@ -71,6 +71,9 @@ pub struct ManagerState {
     refill: RefillTarget,
     backoff: Backoff,
     last_activity: Instant,
+    /// Reported cold to a sweep, so the Directory may be pruning it: checkouts that bypass the
+    /// Directory are refused until one routed by the Directory shows it was kept.
+    retiring: bool,
     idle_high_water: usize,
     counters: DestCounters,
 }
@@ -103,6 +106,7 @@ impl Actor for PoolManager {
             next_tag: 1,
             next_spare: 1,
             last_activity: Instant::now(),
+            retiring: false,
             idle_high_water: 0,
             counters: args.counters,
         };
@@ -129,13 +133,20 @@ impl ManagerState {
         message: ManagerMsg,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            ManagerMsg::Acquire(reply) if reply.is_closed() => {
+            ManagerMsg::AcquireDirect(reply) if self.retiring => {
+                // Dropping the port sends the caller to the Directory, which either pruned us
+                // (and starts a fresh manager) or routes an `Acquire` here that keeps us.
+                drop(reply);
+            }
+            ManagerMsg::Acquire(reply) | ManagerMsg::AcquireDirect(reply) if reply.is_closed() => {
                 // The caller timed out and dialed directly: handing it a spare would lose it.
                 // It still wanted a connection, so it counts as demand.
                 self.counters.abandoned += 1;
                 self.refill.observe_checkout(Instant::now());
             }
-            ManagerMsg::Acquire(reply) => {
+            ManagerMsg::Acquire(reply) | ManagerMsg::AcquireDirect(reply) => {
+                // Routed by the Directory means it still lists us: not being pruned.
+                self.retiring = false;
                 let checkout = self.checkout(myself).await;
                 // If the caller gave up, the checkout is dropped here and its lease releases
                 // itself: counts stay exact (a spare is lost, not leaked).
@@ -166,6 +177,7 @@ impl ManagerState {
                     && self.pending_dials == 0
                     && self.awaiting.is_empty()
                     && now.saturating_duration_since(self.last_activity) >= cold_after;
+                self.retiring = cold;
                 let _ = reply.send(ManagerSweep { expired, trimmed, cold, stats: self.snapshot() });
             }
             ManagerMsg::Stats(reply) => {
@@ -464,7 +476,19 @@ impl ManagerState {
         }
     }
 
+    /// Updates the published view in place: no allocation on the hot path (the destination
+    /// name never changes, so it is not copied again).
     fn publish(&self) {
-        self.publish.send_replace(self.snapshot());
+        let now = Instant::now();
+        self.publish.send_modify(|s| {
+            s.idle = self.idle.len();
+            s.idle_high_water = self.idle_high_water;
+            s.in_use = self.in_use;
+            s.pending_creates = self.pending_dials;
+            s.awaiting_slots = self.awaiting.len() as u64;
+            s.backing_off = self.backoff.is_active(now);
+            s.refill = self.refill.stats(now);
+            s.counters = self.counters;
+        });
     }
 }

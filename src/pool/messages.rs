@@ -72,8 +72,12 @@ pub struct SweepReport {
 
 /// Messages to one destination's PoolManager.
 pub enum ManagerMsg {
-    /// A client session wants a stream.
+    /// A client session wants a stream (routed by the Directory).
     Acquire(RpcReplyPort<Checkout>),
+    /// A client session wants a stream, sent straight from a [`Pool`](super::Pool) handle's
+    /// copy of the route. Refused (the reply port is dropped, so the caller asks the Directory
+    /// instead) once this manager has reported itself cold to a sweep: it may be stopping.
+    AcquireDirect(RpcReplyPort<Checkout>),
     /// A lease ended. `untouched` is the stream back if not a byte moved either way.
     Release { untouched: Option<TcpStream> },
     /// The caller of a `Miss` finished its own dial (`took`: how long, which the refill target
