@@ -18,7 +18,7 @@ use common::{connect, round_trip, test_config, EchoServer, TestProxy};
 use poolsocks::pool::DestStats;
 use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
-use poolsocks::stats::{self, Readiness, StatsContext};
+use poolsocks::stats::{self, Readiness, StatsContext, StatsOptions};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -151,7 +151,10 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     let pool = server.pool().expect("the server built its pool");
     let ctx = StatsContext::new(config, server.telemetry(), server.metrics())
         .with_pool(Some(pool.clone()))
-        .with_readiness(Readiness::listening());
+        .with_readiness(Readiness::listening())
+        // Chromium's virtual time runs the page's 2 s polls a few real milliseconds apart; a
+        // cached answer would make every interval look empty and leave the chart without a line.
+        .with_options(StatsOptions { pool_stats_ttl: Duration::ZERO, ..StatsOptions::default() });
     let proxy = TestProxy::start_server(server).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stats");
     let endpoint = stats::spawn(listener, ctx);
@@ -177,21 +180,25 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     let running = Arc::new(AtomicBool::new(true));
     let sessions_done = Arc::new(AtomicU64::new(0));
     let (first_busy_tx, first_busy) = oneshot::channel::<()>();
-    let traffic = tokio::spawn({
-        let running = running.clone();
-        let sessions_done = sessions_done.clone();
-        let (proxy, busy) = (proxy.addr, busy.addr);
-        async move {
-            let mut first = Some(first_busy_tx);
-            while running.load(Ordering::Relaxed) {
-                session(proxy, busy, b"live traffic").await;
-                sessions_done.fetch_add(1, Ordering::Relaxed);
-                if let Some(tx) = first.take() {
-                    let _ = tx.send(());
+    // Several clients, so that even the few real milliseconds between two polls see checkouts.
+    let first_busy_tx = Arc::new(std::sync::Mutex::new(Some(first_busy_tx)));
+    let traffic: Vec<_> = (0..4)
+        .map(|_| {
+            let running = running.clone();
+            let sessions_done = sessions_done.clone();
+            let first = first_busy_tx.clone();
+            let (proxy, busy) = (proxy.addr, busy.addr);
+            tokio::spawn(async move {
+                while running.load(Ordering::Relaxed) {
+                    session(proxy, busy, b"live traffic").await;
+                    sessions_done.fetch_add(1, Ordering::Relaxed);
+                    if let Some(tx) = first.lock().ok().and_then(|mut first| first.take()) {
+                        let _ = tx.send(());
+                    }
                 }
-            }
-        }
-    });
+            })
+        })
+        .collect();
     first_busy.await.expect("live traffic started");
 
     let before = get_json(stats_addr, "/api/pool/stats").await;
@@ -199,7 +206,7 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     let dom = chromium(
         &browser,
         &url,
-        Duration::from_secs(7),
+        Duration::from_secs(15),
         &["--dump-dom".to_string(), "--window-size=1400,1050".to_string()],
     )
     .await;
@@ -264,7 +271,9 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     eprintln!("dashboard screenshot: {}", shot.display());
 
     running.store(false, Ordering::Relaxed);
-    traffic.await.expect("traffic task");
+    for task in traffic {
+        task.await.expect("traffic task");
+    }
     assert!(sessions_done.load(Ordering::Relaxed) >= 1);
     let mut busy_dest = pool.watch_destination(&TargetAddr::Ip(busy.addr)).await.expect("watch");
     settle(&mut busy_dest, |s| s.is_quiet()).await;
