@@ -129,21 +129,7 @@ async fn clients_over_max_connections_are_accepted_and_closed_then_served_once_a
     // Free a slot; the handler notices the EOF and releases its permit. The next admission
     // happens as soon as that completes (bounded retries, no sleeping).
     drop(first);
-    let mut served = false;
-    for _ in 0..10_000 {
-        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-        stream.write_all(&[5, 1, 0]).await.expect("greeting");
-        let mut selection = [0u8; 2];
-        if stream.read_exact(&mut selection).await.is_ok() {
-            let reply =
-                request(&mut stream, poolsocks::socks::Command::Connect, echo.addr.into()).await;
-            assert_eq!(reply.code, ReplyCode::Succeeded);
-            assert_eq!(round_trip(&mut stream, b"admitted").await, b"admitted");
-            served = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let served = serve_once_admitted(proxy.addr, echo.addr).await;
     assert!(served, "a slot never freed up after a client left");
     drop(second);
     proxy.stop().await;

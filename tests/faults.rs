@@ -124,20 +124,7 @@ async fn silent_clients_cannot_hold_max_connections_beyond_the_handshake_timeout
     // ...and their slots are free again: a good client is served (bounded retries while the
     // handlers finish releasing their permits).
     let echo = EchoServer::start().await;
-    let mut served = false;
-    for _ in 0..10_000 {
-        let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
-        stream.write_all(&[5, 1, 0]).await.expect("greeting");
-        let mut selection = [0u8; 2];
-        if stream.read_exact(&mut selection).await.is_ok() {
-            let reply =
-                request(&mut stream, poolsocks::socks::Command::Connect, echo.addr.into()).await;
-            assert_eq!(reply.code, ReplyCode::Succeeded);
-            served = true;
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let served = serve_once_admitted(proxy.addr, echo.addr).await;
     assert!(served);
     proxy.stop().await;
 }

@@ -277,3 +277,22 @@ pub async fn who(stream: &mut TcpStream) -> usize {
     let text = String::from_utf8(answer).expect("utf8");
     text.trim().strip_prefix("conn ").and_then(|n| n.parse().ok()).expect("conn N")
 }
+
+/// Retries a full session through `proxy` to `upstream` until one is admitted (a slot under
+/// `max_connections` frees as soon as a handler finishes; bounded retries, no sleeping).
+/// Returns whether one was served before the retries ran out.
+pub async fn serve_once_admitted(proxy: SocketAddr, upstream: SocketAddr) -> bool {
+    for _ in 0..10_000 {
+        let mut stream = TcpStream::connect(proxy).await.expect("connect");
+        stream.write_all(&[5, 1, 0]).await.expect("greeting");
+        let mut selection = [0u8; 2];
+        if stream.read_exact(&mut selection).await.is_ok() {
+            let reply = request(&mut stream, Command::Connect, upstream.into()).await;
+            assert_eq!(reply.code, poolsocks::socks::ReplyCode::Succeeded);
+            assert_eq!(round_trip(&mut stream, b"admitted").await, b"admitted");
+            return true;
+        }
+        tokio::task::yield_now().await;
+    }
+    false
+}
