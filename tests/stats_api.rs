@@ -305,6 +305,13 @@ async fn pool_stats_follow_real_traffic() {
     assert_eq!((row["hits"].clone(), row["misses"].clone()), (2.into(), 1.into()));
     assert_eq!((row["created"].clone(), row["reused"].clone()), (4.into(), 2.into()));
     assert_eq!(row["in_use"], 0);
+    // Last activity is wall-clock time of this test's traffic: within the last minute.
+    let last = row["last_activity_ms"].as_u64().expect("last_activity_ms");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as u64;
+    assert!(last <= now_ms && now_ms - last < 60_000, "last activity {last}, now {now_ms}");
 
     let config = &body["config"]["pool"];
     assert_eq!(config["enabled"], true);

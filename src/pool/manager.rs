@@ -471,6 +471,7 @@ impl ManagerState {
             pending_creates: self.pending_dials,
             awaiting_slots: self.awaiting.len() as u64,
             backing_off: self.backoff.is_active(now),
+            last_activity_ms: unix_ms_at(self.last_activity, now),
             refill: self.refill.stats(now),
             counters: self.counters,
         }
@@ -487,8 +488,16 @@ impl ManagerState {
             s.pending_creates = self.pending_dials;
             s.awaiting_slots = self.awaiting.len() as u64;
             s.backing_off = self.backoff.is_active(now);
+            s.last_activity_ms = unix_ms_at(self.last_activity, now);
             s.refill = self.refill.stats(now);
             s.counters = self.counters;
         });
     }
+}
+
+/// The wall-clock time (Unix milliseconds) of `instant`, seen from `now`: operators read
+/// timestamps, the manager measures with a monotonic clock.
+fn unix_ms_at(instant: Instant, now: Instant) -> u64 {
+    let wall = std::time::SystemTime::now() - now.saturating_duration_since(instant);
+    wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

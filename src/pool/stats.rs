@@ -75,6 +75,8 @@ pub struct DestStats {
     pub awaiting_slots: u64,
     /// Background dials are paused after failures.
     pub backing_off: bool,
+    /// Wall-clock time of the last checkout or return, milliseconds since the Unix epoch.
+    pub last_activity_ms: u64,
     /// The refill target and the demand it was sized from (`refill_target`,
     /// `checkouts_per_sec`, `dial_time_ms`, `demand_spares`).
     #[serde(flatten)]
