@@ -173,6 +173,7 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
             stats.returned_untouched,
         ),
         ("refill_denied", "Background dials refused by the global budget", stats.refill_denied),
+        ("trimmed", "Surplus spares closed after demand fell", stats.trimmed),
         ("manager_restarts", "PoolManagers restarted after a failure", stats.manager_restarts),
         (
             "destinations_pruned",
@@ -204,12 +205,17 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
     );
 
     let dest = registry.sub_registry_with_prefix("destination");
-    let gauges: [DestSeries; 3] = [
+    let gauges: [DestSeries; 4] = [
         ("idle", "Spares held for the destination", |d| d.idle as u64),
         ("in_use", "Leases outstanding for the destination", |d| d.in_use),
         ("pending_creates", "Background dials in flight for the destination", |d| {
             d.pending_creates
         }),
+        (
+            "refill_target",
+            "Spares the destination aims for (checkouts/s x dial time + headroom)",
+            |d| d.refill.refill_target as u64,
+        ),
     ];
     for (name, help, value) in gauges {
         let family = Family::<DestinationLabel, Gauge>::default();
@@ -218,7 +224,7 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         }
         dest.register(name, help, family);
     }
-    let counters: [DestSeries; 7] = [
+    let counters: [DestSeries; 8] = [
         ("created", "Connections opened to the destination", |d| d.counters.created),
         ("reused", "Spares handed out for the destination", |d| d.counters.reused),
         ("hits", "Checkouts answered by a spare", |d| d.counters.hits),
@@ -228,6 +234,7 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         }),
         ("expired", "Spares closed for age", |d| d.counters.expired),
         ("evicted", "Spares evicted by the global budget", |d| d.counters.evicted),
+        ("trimmed", "Surplus spares closed after demand fell", |d| d.counters.trimmed),
     ];
     for (name, help, value) in counters {
         let family = Family::<DestinationLabel, Counter>::default();
