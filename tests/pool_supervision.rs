@@ -59,6 +59,10 @@ async fn served(running: &mut Running) {
     let conn = who(&mut stream).await;
     assert!(conn >= 1);
     assert_eq!(round_trip(&mut stream, b"served after a restart").await, b"served after a restart");
+    // The session is over once the upstream sees its connection closed; only then may the
+    // books be read (the destination's published view could still show the state before it).
+    drop(stream);
+    running.upstream.await_closed(conn).await;
 }
 
 async fn books_balance(running: &mut Running) {
