@@ -3,6 +3,7 @@
 
 mod accept;
 pub mod auth;
+mod copy;
 mod handler;
 pub mod metrics;
 pub mod relay;

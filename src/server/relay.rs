@@ -6,9 +6,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-/// Per-direction buffer. Small enough that 10k idle sessions stay cheap, large enough for bulk.
-const RELAY_BUFFER: usize = 16 * 1024;
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayOutcome {
     pub client_to_upstream: u64,
@@ -51,8 +48,7 @@ pub async fn relay(
         outcome.client_to_upstream += pending.len() as u64;
     }
 
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(client, upstream, RELAY_BUFFER, RELAY_BUFFER);
+    let copy = super::copy::bidirectional(client, upstream);
     tokio::select! {
         copied = copy => {
             let (to_upstream, to_client) = copied?;
