@@ -253,3 +253,51 @@ async fn passwords_never_reach_the_log_even_at_trace_level() {
         );
     }
 }
+
+/// Starts the daemon with `soft`/`hard` open-file limits set in the child before exec.
+fn daemon_with_nofile(config: &str, soft: u64, hard: u64) -> Daemon {
+    use std::os::unix::process::CommandExt;
+    Daemon::start_with(config, move |command| {
+        // SAFETY: setrlimit is async-signal-safe and touches only the child being spawned.
+        unsafe {
+            command.pre_exec(move || {
+                let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    })
+}
+
+/// The soft open-file limit of a running process, from /proc.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("read limits");
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).expect("nofile line");
+    line.split_whitespace().nth(3).and_then(|v| v.parse().ok()).expect("soft limit value")
+}
+
+#[test]
+fn raises_its_open_file_limit_to_what_max_connections_needs() {
+    // 2 descriptors per session + 50 spares + 128 reserved.
+    let config = "[server]\nbind_port = 0\nmax_connections = 1000\n\
+                  [server.pool]\nenabled = true\nmax_total_idle = 50\n";
+    let daemon = daemon_with_nofile(config, 256, 8192);
+    let said = daemon.startup_log.iter().any(|l| l.contains("raised the open-file limit"));
+    assert!(said, "the raise is logged: {:?}", daemon.startup_log);
+    assert_eq!(soft_nofile(daemon.child.id()), 2178);
+}
+
+#[test]
+fn warns_with_the_figures_when_the_hard_limit_is_too_low() {
+    let config = "[server]\nbind_port = 0\nmax_connections = 1000\n";
+    let daemon = daemon_with_nofile(config, 256, 600);
+    let warning = "open-file hard limit is below what max_connections needs";
+    let line = daemon.startup_log.iter().find(|l| l.contains(warning));
+    let line = line.unwrap_or_else(|| panic!("no warning in {:?}", daemon.startup_log));
+    assert!(line.contains("2128"), "the warning names what is needed: {line}");
+    assert!(line.contains("236"), "and how many sessions fit: {line}");
+    // It still raised the soft limit as far as the hard limit allows.
+    assert_eq!(soft_nofile(daemon.child.id()), 600);
+}

@@ -4,6 +4,7 @@
 mod accept;
 pub mod auth;
 mod copy;
+pub mod fd_limit;
 mod handler;
 pub mod metrics;
 pub mod relay;

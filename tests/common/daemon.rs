@@ -14,6 +14,8 @@ pub struct Daemon {
     pub child: Child,
     pub addr: SocketAddr,
     log: mpsc::Receiver<String>,
+    /// The lines logged before "listening" (start-up: limits, config warnings).
+    pub startup_log: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -49,8 +51,20 @@ impl Daemon {
                 }
             }
         });
-        let mut daemon = Daemon { child, addr: "0.0.0.0:0".parse().expect("addr"), log, _dir: dir };
-        let line = daemon.await_log("listening");
+        let mut daemon = Daemon {
+            child,
+            addr: "0.0.0.0:0".parse().expect("addr"),
+            log,
+            startup_log: Vec::new(),
+            _dir: dir,
+        };
+        let line = loop {
+            match daemon.log.recv_timeout(EVENT_DEADLINE) {
+                Ok(line) if line.contains("listening") => break line,
+                Ok(line) => daemon.startup_log.push(line),
+                Err(e) => panic!("the daemon never said it was listening: {e}"),
+            }
+        };
         let addr = line
             .split_whitespace()
             .find_map(|word| word.strip_prefix("addr="))
