@@ -354,9 +354,15 @@ if wanted fast-local || wanted bulk || wanted idle-sessions; then
     report bulk "One ${BULK_MIB} MiB download over loopback through each proxy (HTTP body of zeros from the loadgen upstream)."
   fi
   if wanted idle-sessions; then
+    FD_NOTE=""
+    HARD_NOFILE=$(ulimit -Hn)
+    if [ "$HARD_NOFILE" != unlimited ] && [ "$HARD_NOFILE" -lt $((2 * HOLD_SESSIONS + 128)) ]; then
+      FD_NOTE=" This machine's hard open-file limit is $HARD_NOFILE and cannot be raised here (no CAP_SYS_RESOURCE): a single-process proxy needs 2 descriptors per held session plus its own (listeners, epoll, stdio), so the last few sessions fail with 0x01 (poolsocks logs a warning naming the figures at start). Dante spreads sessions over child processes, each with its own limit."
+      say "hard open-file limit $HARD_NOFILE < what $HOLD_SESSIONS held sessions need: expect a few failures in single-process proxies"
+    fi
     measure idle-sessions 127.0.0.1 hold --target "$FAST_UPSTREAM" --sessions "$HOLD_SESSIONS" \
       --hold "$HOLD_SECS"
-    report idle-sessions "${HOLD_SESSIONS} SOCKS sessions opened (each proves itself with one request) and held idle ${HOLD_SECS} s; memory per session = (proxy memory while holding - before) / sessions held, as PSS (proportional set size, so pages shared by Dante's forked children count once), children included."
+    report idle-sessions "${HOLD_SESSIONS} SOCKS sessions opened (each proves itself with one request) and held idle ${HOLD_SECS} s; memory per session = (proxy memory while holding - before) / sessions held, as PSS (proportional set size, so pages shared by Dante's forked children count once), children included.$FD_NOTE"
   fi
   stop_pid "$UPSTREAM_PID"
 fi
