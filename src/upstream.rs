@@ -168,6 +168,11 @@ impl Upstream {
         Upstream { stream, origin, lease: Some(lease) }
     }
 
+    /// Whether a pool lent it, so that an untouched stream can go back.
+    pub fn is_leased(&self) -> bool {
+        self.lease.is_some()
+    }
+
     /// Ends the session. `untouched` says whether the stream is still unused and intact.
     pub fn finish(self, untouched: bool) {
         let Upstream { stream, lease, .. } = self;

@@ -79,7 +79,8 @@ pub async fn serve(
 
     let Some(mut upstream) = connect(&ctx, &mut client, &target, &cancel).await else { return };
     ctx.metrics.session_started();
-    let result = relay(&mut client, &mut upstream.stream, &pending, &cancel).await;
+    let returnable = upstream.is_leased();
+    let result = relay(&mut client, &mut upstream.stream, &pending, returnable, &cancel).await;
     ctx.metrics.session_ended();
     match result {
         Ok(outcome) => {

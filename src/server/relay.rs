@@ -19,15 +19,18 @@ pub struct RelayOutcome {
 ///
 /// `pending` holds bytes the client sent right behind its CONNECT request (read along with the
 /// handshake); they are delivered first. Half-close is propagated both ways: a client that shuts
-/// down its write side still receives the rest of the response.
+/// down its write side still receives the rest of the response. `may_return_untouched` asks
+/// whether the upstream is left untouched when the client leaves without sending (only worth a
+/// syscall when a pool can take the connection back).
 pub async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     pending: &[u8],
+    may_return_untouched: bool,
     cancel: &CancellationToken,
 ) -> io::Result<RelayOutcome> {
     let mut outcome = RelayOutcome::default();
-    if pending.is_empty() {
+    if pending.is_empty() && may_return_untouched {
         // Wait for the first event before touching the upstream. A client that leaves without
         // sending anything (a browser's unused preconnect, say) hands back an untouched spare.
         // Peeking needs no buffer and leaves the bytes for the copy below.
@@ -43,7 +46,7 @@ pub async fn relay(
                 return Ok(RelayOutcome { upstream_untouched: true, ..outcome });
             }
         }
-    } else {
+    } else if !pending.is_empty() {
         upstream.write_all(pending).await?;
         outcome.client_to_upstream += pending.len() as u64;
     }
