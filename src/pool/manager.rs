@@ -147,7 +147,7 @@ impl ManagerState {
             ManagerMsg::Acquire(reply) | ManagerMsg::AcquireDirect(reply) => {
                 // Routed by the Directory means it still lists us: not being pruned.
                 self.retiring = false;
-                let checkout = self.checkout(myself).await;
+                let checkout = self.checkout(myself);
                 // If the caller gave up, the checkout is dropped here and its lease releases
                 // itself: counts stay exact (a spare is lost, not leaked).
                 let _ = reply.send(checkout);
@@ -167,11 +167,11 @@ impl ManagerState {
             }
             ManagerMsg::SlotGranted { tag, slot } => self.slot_granted(myself, tag, slot),
             ManagerMsg::SlotDenied { tag } => self.slot_denied(tag),
-            ManagerMsg::Evict { slot } => self.evict(slot).await,
-            ManagerMsg::PeerClosed { spare } => self.peer_closed(spare).await,
+            ManagerMsg::Evict { slot } => self.evict(slot),
+            ManagerMsg::SpareReadable { spare } => self.spare_readable(myself, spare),
             ManagerMsg::Sweep { now, idle_timeout, cold_after, reply } => {
-                let expired = self.expire(now, idle_timeout).await;
-                let trimmed = self.trim_surplus(now).await;
+                let expired = self.expire(now, idle_timeout);
+                let trimmed = self.trim_surplus(now);
                 let cold = self.idle.is_empty()
                     && self.in_use == 0
                     && self.pending_dials == 0
@@ -194,7 +194,7 @@ impl ManagerState {
 
     /// Hands out the newest valid spare, or answers `Miss`. Either way the session is counted
     /// in use and, if the refill target wants it, background dials are started.
-    async fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
+    fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
         let now = Instant::now();
         self.last_activity = now;
         self.refill.observe_checkout(now);
@@ -204,22 +204,17 @@ impl ManagerState {
             let too_old =
                 now.saturating_duration_since(spare.pooled_at) >= self.options.idle_timeout;
             // Each discarded socket is closed (dropped) before its slot is given back.
-            match spare.reclaim().await {
-                Some(stream) if too_old => {
-                    drop(stream);
-                    self.counters.expired += 1;
-                }
-                Some(stream) if probe(&stream) == Probe::Closed => {
-                    drop(stream);
-                    self.counters.validation_drops += 1;
-                    tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
-                }
-                Some(stream) => {
-                    self.release_slot(slot);
-                    found = Some(stream);
-                    break;
-                }
-                None => self.counters.validation_drops += 1,
+            if too_old {
+                drop(spare);
+                self.counters.expired += 1;
+            } else if probe(spare.stream()) == Probe::Closed {
+                drop(spare);
+                self.counters.validation_drops += 1;
+                tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
+            } else {
+                self.release_slot(slot);
+                found = Some(spare.into_stream());
+                break;
             }
             self.release_slot(slot);
         }
@@ -386,7 +381,9 @@ impl ManagerState {
     fn pool(&mut self, myself: &ActorRef<ManagerMsg>, stream: TcpStream, slot: SlotId) {
         let id = self.next_spare;
         self.next_spare += 1;
-        self.idle.push(Spare::watch(stream, id, slot, myself.clone()));
+        let spare = Spare::new(stream, id, slot);
+        spare.watch(myself);
+        self.idle.push(spare);
         self.idle_high_water = self.idle_high_water.max(self.idle.len());
         let _ = self.budget.cast(BudgetMsg::Pooled { slot });
     }
@@ -395,11 +392,10 @@ impl ManagerState {
         let _ = self.budget.cast(BudgetMsg::Release { slot });
     }
 
-    async fn evict(&mut self, slot: SlotId) {
+    fn evict(&mut self, slot: SlotId) {
         // Not found: it was handed out or closed already, and its slot released then.
-        if let Some(index) = self.idle.iter().position(|s| s.slot == slot) {
-            let spare = self.idle.remove(index);
-            drop(spare.reclaim().await);
+        if let Some(index) = self.idle.iter().rposition(|s| s.slot == slot) {
+            drop(self.idle.remove(index));
             self.counters.evicted += 1;
             self.release_slot(slot);
             self.telemetry.warning(
@@ -413,18 +409,32 @@ impl ManagerState {
         }
     }
 
-    async fn peer_closed(&mut self, spare: SpareId) {
-        if let Some(index) = self.idle.iter().position(|s| s.id == spare) {
-            let spare = self.idle.remove(index);
-            let slot = spare.slot;
-            drop(spare.reclaim().await);
-            self.counters.peer_closed += 1;
-            self.release_slot(slot);
-            tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
+    /// An idle spare's socket became readable: closed by its peer (drop it), a greeting (leave
+    /// it for the client and stop watching), or nothing after all (watch again).
+    fn spare_readable(&mut self, myself: &ActorRef<ManagerMsg>, spare: SpareId) {
+        // Not found: handed out or closed since; the wake-up was meant for an idle spare.
+        let Some(index) = self.idle.iter().rposition(|s| s.id == spare) else {
+            return;
+        };
+        match probe(self.idle[index].stream()) {
+            Probe::Closed => {
+                let spare = self.idle.remove(index);
+                let slot = spare.slot;
+                drop(spare);
+                self.counters.peer_closed += 1;
+                self.release_slot(slot);
+                tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
+            }
+            Probe::Greeting => {}
+            Probe::Quiet => {
+                let spare = &self.idle[index];
+                spare.forget_readiness();
+                spare.watch(myself);
+            }
         }
     }
 
-    async fn expire(&mut self, now: Instant, idle_timeout: Duration) -> u64 {
+    fn expire(&mut self, now: Instant, idle_timeout: Duration) -> u64 {
         let (old, fresh): (Vec<Spare>, Vec<Spare>) = std::mem::take(&mut self.idle)
             .into_iter()
             .partition(|s| now.saturating_duration_since(s.pooled_at) >= idle_timeout);
@@ -432,7 +442,7 @@ impl ManagerState {
         let expired = old.len() as u64;
         for spare in old {
             let slot = spare.slot;
-            drop(spare.reclaim().await);
+            drop(spare);
             self.release_slot(slot);
         }
         self.counters.expired += expired;
@@ -442,7 +452,7 @@ impl ManagerState {
     /// Closes idle spares beyond the current target that have waited `SURPLUS_GRACE`, oldest
     /// first: LIFO hand-out leaves the least recently pooled at the bottom, so those are the
     /// ones demand no longer reaches. Their budget slots go back to other destinations.
-    async fn trim_surplus(&mut self, now: Instant) -> u64 {
+    fn trim_surplus(&mut self, now: Instant) -> u64 {
         let keep = self.refill.keep_at_most(now);
         let mut trimmed = 0;
         while self.committed() > keep
@@ -453,7 +463,7 @@ impl ManagerState {
         {
             let spare = self.idle.remove(0);
             let slot = spare.slot;
-            drop(spare.reclaim().await);
+            drop(spare);
             self.release_slot(slot);
             trimmed += 1;
         }

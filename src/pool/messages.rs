@@ -91,8 +91,8 @@ pub enum ManagerMsg {
     SlotDenied { tag: u64 },
     /// The GlobalBudget wants this slot's spare closed to make room elsewhere.
     Evict { slot: SlotId },
-    /// An idle spare's peer closed or reset it.
-    PeerClosed { spare: SpareId },
+    /// An idle spare's socket became readable: its peer closed it, or sent a greeting.
+    SpareReadable { spare: SpareId },
     /// Expire spares older than `idle_timeout`, close surplus spares, and report whether the
     /// destination is cold.
     Sweep {
