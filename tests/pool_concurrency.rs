@@ -189,10 +189,13 @@ async fn five_hundred_concurrent_handlers_keep_the_counters_exact() {
             .unwrap();
     }
     let mut budget = pool.watch_budget().await.unwrap();
-    tokio::time::timeout(PATIENCE, budget.wait_for(|b| b.reserved + b.evicting + b.waiting == 0))
-        .await
-        .expect("budget never came to rest")
-        .unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        budget.wait_for(|b| b.reserved + b.lent + b.evicting + b.waiting == 0),
+    )
+    .await
+    .expect("budget never came to rest")
+    .unwrap();
     let stats = pool.stats().await.unwrap();
     let total = (HANDLERS * SESSIONS_PER_HANDLER) as u64;
     println!(

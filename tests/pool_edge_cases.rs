@@ -259,14 +259,17 @@ async fn assert_settled(pool: &Pool, servers: &[&UpstreamServer]) {
     }
     // The budget hears of the managers' last moves by message, a moment later.
     let mut budget = pool.watch_budget().await.unwrap();
-    tokio::time::timeout(PATIENCE, budget.wait_for(|b| b.reserved + b.evicting + b.waiting == 0))
-        .await
-        .expect("the budget never settled")
-        .unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        budget.wait_for(|b| b.reserved + b.lent + b.evicting + b.waiting == 0),
+    )
+    .await
+    .expect("the budget never settled")
+    .unwrap();
     let stats = pool.stats().await.unwrap();
     assert_eq!(stats.connections_in_use, 0, "{stats:#?}");
     assert_eq!(stats.pending_creates, 0, "{stats:#?}");
-    assert_eq!(stats.budget.reserved + stats.budget.evicting, 0, "{stats:#?}");
+    assert_eq!(stats.budget.reserved + stats.budget.lent + stats.budget.evicting, 0, "{stats:#?}");
     assert_eq!(stats.budget.pooled, stats.total_idle, "{stats:#?}");
     for server in servers {
         let idle = stats

@@ -64,7 +64,14 @@ pub struct ManagerState {
     /// Spares, oldest first; handed out from the end (LIFO).
     idle: Vec<Spare>,
     in_use: u64,
+    /// Budget slots of spares handed out, kept for those sessions (never more than `in_use`):
+    /// an untouched return is pooled again with one at once, no reservation needed.
+    lent_slots: Vec<SlotId>,
     pending_dials: u64,
+    /// Slots of background dials in flight, and those of them the budget asked back (their
+    /// connection is closed when the dial finishes).
+    dialing: Vec<SlotId>,
+    doomed_dials: Vec<SlotId>,
     awaiting: HashMap<u64, SlotPurpose>,
     next_tag: u64,
     next_spare: SpareId,
@@ -101,7 +108,10 @@ impl Actor for PoolManager {
             publish: args.stats,
             idle: Vec::new(),
             in_use: 0,
+            lent_slots: Vec::new(),
             pending_dials: 0,
+            dialing: Vec::new(),
+            doomed_dials: Vec::new(),
             awaiting: HashMap::new(),
             next_tag: 1,
             next_spare: 1,
@@ -212,7 +222,9 @@ impl ManagerState {
                 self.counters.validation_drops += 1;
                 tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
             } else {
-                self.release_slot(slot);
+                // The session keeps the slot in case its connection comes back untouched.
+                self.lent_slots.push(slot);
+                let _ = self.budget.cast(BudgetMsg::Lent { slot });
                 found = Some(spare.into_stream());
                 break;
             }
@@ -254,6 +266,15 @@ impl ManagerState {
     }
 
     fn ask_slot(&mut self, myself: &ActorRef<ManagerMsg>, purpose: SlotPurpose) {
+        // A slot lent to a session goes to the replacement of its spare: the session's
+        // connection, if it comes back untouched, asks for one of its own.
+        if matches!(purpose, SlotPurpose::Refill) {
+            if let Some(slot) = self.lent_slots.pop() {
+                let _ = self.budget.cast(BudgetMsg::Claimed { slot });
+                self.start_dial(myself, slot);
+                return;
+            }
+        }
         let tag = self.next_tag;
         self.next_tag += 1;
         let request = BudgetMsg::Reserve { owner: myself.clone(), tag };
@@ -268,14 +289,20 @@ impl ManagerState {
     fn release(&mut self, myself: &ActorRef<ManagerMsg>, untouched: Option<TcpStream>) {
         self.last_activity = Instant::now();
         match untouched {
-            None => self.in_use = self.in_use.saturating_sub(1),
+            None => self.end_session(),
             Some(stream) if self.committed() < self.options.max_idle_per_dest => {
-                // Stays counted in use until it is pooled or dropped.
-                self.ask_slot(myself, SlotPurpose::Return(stream));
+                if let Some(slot) = self.lent_slots.pop() {
+                    self.end_session();
+                    self.counters.returned_untouched += 1;
+                    self.pool(myself, stream, slot);
+                } else {
+                    // Stays counted in use until it is pooled or dropped.
+                    self.ask_slot(myself, SlotPurpose::Return(stream));
+                }
             }
             Some(stream) => {
                 drop(stream);
-                self.in_use = self.in_use.saturating_sub(1);
+                self.end_session();
                 self.counters.dropped_full += 1;
                 self.telemetry.warning(
                     category::POOL_LIMIT,
@@ -289,11 +316,21 @@ impl ManagerState {
         }
     }
 
+    /// One session fewer in use; a slot lent beyond the sessions still out goes back.
+    fn end_session(&mut self) {
+        self.in_use = self.in_use.saturating_sub(1);
+        while self.lent_slots.len() as u64 > self.in_use {
+            if let Some(slot) = self.lent_slots.pop() {
+                self.release_slot(slot);
+            }
+        }
+    }
+
     fn slot_granted(&mut self, myself: &ActorRef<ManagerMsg>, tag: u64, slot: SlotId) {
         match self.awaiting.remove(&tag) {
             Some(SlotPurpose::Refill) => self.start_dial(myself, slot),
             Some(SlotPurpose::Return(stream)) => {
-                self.in_use = self.in_use.saturating_sub(1);
+                self.end_session();
                 self.counters.returned_untouched += 1;
                 self.pool(myself, stream, slot);
             }
@@ -312,7 +349,7 @@ impl ManagerState {
             SlotPurpose::Refill => self.counters.refill_denied += 1,
             SlotPurpose::Return(stream) => {
                 drop(stream);
-                self.in_use = self.in_use.saturating_sub(1);
+                self.end_session();
                 self.counters.dropped_full += 1;
                 self.telemetry.warning(
                     category::POOL_LIMIT,
@@ -328,6 +365,7 @@ impl ManagerState {
 
     fn start_dial(&mut self, myself: &ActorRef<ManagerMsg>, slot: SlotId) {
         self.pending_dials += 1;
+        self.dialing.push(slot);
         let dialer = Arc::clone(&self.dialer);
         let target = self.destination.clone();
         let timeout = self.options.connect_timeout;
@@ -348,6 +386,20 @@ impl ManagerState {
         took: Duration,
     ) {
         self.pending_dials = self.pending_dials.saturating_sub(1);
+        if let Some(index) = self.dialing.iter().position(|&s| s == slot) {
+            self.dialing.swap_remove(index);
+        }
+        if let Some(index) = self.doomed_dials.iter().position(|&s| s == slot) {
+            // The budget took this slot back while the dial ran: the new spare has no room.
+            self.doomed_dials.swap_remove(index);
+            if result.is_ok() {
+                self.counters.created += 1;
+                self.counters.evicted += 1;
+            }
+            drop(result);
+            self.release_slot(slot);
+            return;
+        }
         match result {
             Ok(stream) => {
                 self.counters.created += 1;
@@ -393,6 +445,18 @@ impl ManagerState {
     }
 
     fn evict(&mut self, slot: SlotId) {
+        // A lent slot is given back: the session's connection, if it comes back untouched,
+        // will ask for a slot of its own.
+        if let Some(index) = self.lent_slots.iter().position(|&s| s == slot) {
+            self.lent_slots.swap_remove(index);
+            self.release_slot(slot);
+            return;
+        }
+        // A lent slot this manager had just given to a background dial: closed on arrival.
+        if self.dialing.contains(&slot) {
+            self.doomed_dials.push(slot);
+            return;
+        }
         // Not found: it was handed out or closed already, and its slot released then.
         if let Some(index) = self.idle.iter().rposition(|s| s.slot == slot) {
             drop(self.idle.remove(index));
