@@ -5,9 +5,11 @@
 //! gets a pooled spare (a real loopback socket, accepted and held by a local listener), and
 //! hands it back untouched (`finish(true)`). The pool runs with `RefillMode::Off` and is filled
 //! beforehand, so no dial happens during a run: a pair is the checkout call (its reply carries
-//! the socket) plus the untouched return (a GlobalBudget reservation, then the spare is pooled
-//! again with its peer-close watcher) — the same actor messages a hit plus its background
-//! replacement costs, minus the dial itself. Misses (none expected) are counted and shown.
+//! the socket; the spare's budget slot is lent to the session) plus the untouched return (the
+//! spare is pooled again with that slot and its peer-close waker registered; the GlobalBudget
+//! hears of both by message). Misses (none expected on an idle machine) are counted and shown:
+//! a miss means the pool ran dry, e.g. because the machine stalled the runtime long enough for
+//! more checkouts to queue than there are spares.
 //!
 //! - Closed loop (criterion, and a summary table): 1, 100, 500 and 1,000 handlers, each doing
 //!   pairs back to back, against one destination and against 100. Throughput in pairs/s; by
