@@ -72,12 +72,12 @@ impl Spare {
         let waker = Waker::from(alarm);
         // Unconstrained: out of cooperative budget, tokio would answer Pending without
         // registering the waker (and wake it at once instead): a wasted round trip. The
-        // outer future always completes on its first poll, so a no-op waker polls it.
-        let register = pin!(tokio::task::unconstrained(poll_fn(|_| {
-            let mut cx = Context::from_waker(&waker);
-            Poll::Ready(self.stream.poll_read_ready(&mut cx).is_ready())
+        // wrapper completes on its first poll and never keeps the context it is polled with.
+        let mut cx = Context::from_waker(&waker);
+        let register = pin!(tokio::task::unconstrained(poll_fn(|cx: &mut Context<'_>| {
+            Poll::Ready(self.stream.poll_read_ready(cx).is_ready())
         })));
-        let ready = register.poll(&mut Context::from_waker(Waker::noop()));
+        let ready = register.poll(&mut cx);
         if matches!(ready, Poll::Ready(true)) {
             waker.wake();
         }
