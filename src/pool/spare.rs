@@ -2,7 +2,7 @@
 //!
 //! The PoolManager owns the stream itself, so a checkout hands it out at once (no other task to
 //! wait for). Watching costs no task either: the manager registers a waker with tokio's I/O
-//! driver for the socket's readability ([`Spare::watch`]); the driver calls it if the socket
+//! driver for the socket's readability (`Spare::watch`); the driver calls it if the socket
 //! becomes readable, and the waker sends `SpareReadable` to the manager, which looks at the
 //! socket ([`probe`]). EOF or an error means the peer closed it: the manager drops it at once.
 //! Readable data is a server greeting (e.g. SMTP/FTP banners): it is left in the socket for the
