@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -83,6 +83,8 @@ pub struct ManagerState {
     retiring: bool,
     idle_high_water: usize,
     counters: DestCounters,
+    /// The checkout of the message being handled, sent once the published view includes it.
+    unanswered: Option<(RpcReplyPort<Checkout>, Checkout)>,
 }
 
 impl Actor for PoolManager {
@@ -119,6 +121,7 @@ impl Actor for PoolManager {
             retiring: false,
             idle_high_water: 0,
             counters: args.counters,
+            unanswered: None,
         };
         state.publish();
         Ok(state)
@@ -132,6 +135,12 @@ impl Actor for PoolManager {
     ) -> Result<(), ActorProcessingErr> {
         let outcome = state.handle(&myself, message).await;
         state.publish();
+        // Answered only now, so a client that got its checkout never reads an older view.
+        if let Some((reply, checkout)) = state.unanswered.take() {
+            // If the caller gave up, the checkout is dropped here and its lease releases
+            // itself: counts stay exact (a spare is lost, not leaked).
+            let _ = reply.send(checkout);
+        }
         outcome
     }
 }
@@ -158,9 +167,7 @@ impl ManagerState {
                 // Routed by the Directory means it still lists us: not being pruned.
                 self.retiring = false;
                 let checkout = self.checkout(myself);
-                // If the caller gave up, the checkout is dropped here and its lease releases
-                // itself: counts stay exact (a spare is lost, not leaked).
-                let _ = reply.send(checkout);
+                self.unanswered = Some((reply, checkout));
             }
             ManagerMsg::Release { untouched } => self.release(myself, untouched),
             ManagerMsg::MissDialed { ok, took } => {
