@@ -5,9 +5,11 @@
 //! gets a pooled spare (a real loopback socket, accepted and held by a local listener), and
 //! hands it back untouched (`finish(true)`). The pool runs with `RefillMode::Off` and is filled
 //! beforehand, so no dial happens during a run: a pair is the checkout call (its reply carries
-//! the socket) plus the untouched return (a GlobalBudget reservation, then the spare is pooled
-//! again with its peer-close watcher) — the same actor messages a hit plus its background
-//! replacement costs, minus the dial itself. Misses (none expected) are counted and shown.
+//! the socket; the spare's budget slot is lent to the session) plus the untouched return (the
+//! spare is pooled again with that slot and its peer-close waker registered; the GlobalBudget
+//! hears of both by message). Misses (none expected on an idle machine) are counted and shown:
+//! a miss means the pool ran dry, e.g. because the machine stalled the runtime long enough for
+//! more checkouts to queue than there are spares.
 //!
 //! - Closed loop (criterion, and a summary table): 1, 100, 500 and 1,000 handlers, each doing
 //!   pairs back to back, against one destination and against 100. Throughput in pairs/s; by
@@ -114,36 +116,42 @@ impl Rig {
                     let misses = Arc::clone(&self.misses);
                     let count = base + u64::from((h as u64) < extra);
                     tokio::spawn(async move {
-                        // Only when asked: a histogram is a few hundred KiB to allocate.
-                        let mut hist = record.then(histogram);
+                        // Only when asked; a plain vector, allocated up front: a histogram per
+                        // handler is ~600 KiB, and its page faults would land in the timings.
+                        let mut samples = record.then(|| Vec::with_capacity(count as usize));
                         for _ in 0..count {
                             let asked = Instant::now();
                             let upstream = pool.acquire(&target).await.expect("a checkout");
-                            if let Some(hist) = hist.as_mut() {
-                                let _ = hist.record(asked.elapsed().as_nanos() as u64);
+                            if let Some(samples) = samples.as_mut() {
+                                samples.push(asked.elapsed().as_nanos() as u64);
                             }
                             if upstream.origin == Origin::Dialed {
                                 misses.fetch_add(1, Ordering::Relaxed);
                             }
                             upstream.finish(true);
                         }
-                        hist
+                        samples
                     })
                 })
                 .collect();
-            let mut all = histogram();
+            let mut all_samples = Vec::with_capacity(tasks.len());
             for task in tasks {
-                if let Some(hist) = task.await.expect("a handler") {
-                    let _ = all.add(hist);
-                }
+                all_samples.push(task.await.expect("a handler"));
             }
-            (start.elapsed(), all)
+            let elapsed = start.elapsed();
+            let mut all = histogram();
+            for sample in all_samples.into_iter().flatten().flatten() {
+                let _ = all.record(sample);
+            }
+            (elapsed, all)
         })
     }
 
     /// `rate` checkouts per second for `duration`, round-robin over `handlers` handlers, paced
     /// by a thread that never waits for an answer (so a slow pool cannot slow the arrivals).
     fn open_loop(&self, rate: u32, handlers: usize, duration: Duration) -> OpenLoop {
+        let expected_per_handler =
+            (duration.as_secs_f64() * f64::from(rate) / handlers as f64) as usize * 2 + 16;
         let wakeups: Vec<Arc<Notify>> = (0..handlers).map(|_| Arc::new(Notify::new())).collect();
         let done = Arc::new(AtomicBool::new(false));
         let tasks: Vec<_> = (0..handlers)
@@ -154,15 +162,16 @@ impl Rig {
                 let done = Arc::clone(&done);
                 let misses = Arc::clone(&self.misses);
                 self.rt.spawn(async move {
-                    let mut hist = histogram();
+                    // Room for the expected turns and then some (see `closed_loop`).
+                    let mut samples = Vec::with_capacity(expected_per_handler);
                     loop {
                         wakeup.notified().await;
                         if done.load(Ordering::Acquire) {
-                            return hist;
+                            return samples;
                         }
                         let asked = Instant::now();
                         let upstream = pool.acquire(&target).await.expect("a checkout");
-                        let _ = hist.record(asked.elapsed().as_nanos() as u64);
+                        samples.push(asked.elapsed().as_nanos() as u64);
                         if upstream.origin == Origin::Dialed {
                             misses.fetch_add(1, Ordering::Relaxed);
                         }
@@ -199,7 +208,9 @@ impl Rig {
         let mut all = histogram();
         self.rt.block_on(async {
             for task in tasks {
-                let _ = all.add(task.await.expect("a handler"));
+                for sample in task.await.expect("a handler") {
+                    let _ = all.record(sample);
+                }
             }
         });
         OpenLoop { hist: all, offered: total, elapsed, worst_lag }

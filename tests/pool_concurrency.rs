@@ -29,6 +29,8 @@ struct UpstreamServer {
     peers: Arc<Mutex<Vec<SocketAddr>>>,
     /// How many "who" questions each accepted connection answered.
     answered: Arc<Mutex<Vec<usize>>>,
+    /// Connections accepted so far (the kernel completes a connect before `accept` sees it).
+    accepted: watch::Sender<usize>,
     live: watch::Sender<usize>,
 }
 
@@ -39,10 +41,15 @@ impl UpstreamServer {
             addr: listener.local_addr().unwrap(),
             peers: Arc::default(),
             answered: Arc::default(),
+            accepted: watch::Sender::new(0),
             live: watch::Sender::new(0),
         };
-        let (peers, answered, live) =
-            (Arc::clone(&server.peers), Arc::clone(&server.answered), server.live.clone());
+        let (peers, answered, accepted, live) = (
+            Arc::clone(&server.peers),
+            Arc::clone(&server.answered),
+            server.accepted.clone(),
+            server.live.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((socket, peer)) = listener.accept().await {
                 let index = {
@@ -52,6 +59,7 @@ impl UpstreamServer {
                     peers.len() - 1
                 };
                 live.send_modify(|n| *n += 1);
+                accepted.send_modify(|n| *n += 1);
                 let (answered, live) = (Arc::clone(&answered), live.clone());
                 tokio::spawn(async move {
                     let (read, mut write) = socket.into_split();
@@ -77,7 +85,7 @@ impl UpstreamServer {
     }
 
     fn accepted(&self) -> usize {
-        self.peers.lock().unwrap().len()
+        *self.accepted.borrow()
     }
 }
 
@@ -189,10 +197,13 @@ async fn five_hundred_concurrent_handlers_keep_the_counters_exact() {
             .unwrap();
     }
     let mut budget = pool.watch_budget().await.unwrap();
-    tokio::time::timeout(PATIENCE, budget.wait_for(|b| b.reserved + b.evicting + b.waiting == 0))
-        .await
-        .expect("budget never came to rest")
-        .unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        budget.wait_for(|b| b.reserved + b.lent + b.evicting + b.waiting == 0),
+    )
+    .await
+    .expect("budget never came to rest")
+    .unwrap();
     let stats = pool.stats().await.unwrap();
     let total = (HANDLERS * SESSIONS_PER_HANDLER) as u64;
     println!(
@@ -218,7 +229,20 @@ async fn five_hundred_concurrent_handlers_keep_the_counters_exact() {
     assert!(stats.budget.high_water <= 20);
     assert!(stats.per_destination.iter().all(|d| d.idle <= 8 && d.idle_high_water <= 8));
     // Every connection the upstreams accepted was opened by the pool's path (a miss, a spare,
-    // or a fallback), and a hit opened none.
+    // or a fallback), and a hit opened none. A dial completes in the kernel before the server's
+    // accept loop sees it, so first let each server catch up with what its destination opened.
+    for server in servers.iter() {
+        let created = stats
+            .per_destination
+            .iter()
+            .find(|d| d.destination == server.target().to_string())
+            .map_or(0, |d| d.counters.created) as usize;
+        let mut accepted = server.accepted.subscribe();
+        tokio::time::timeout(PATIENCE, accepted.wait_for(|a| *a >= created))
+            .await
+            .expect("the pool counted connections its upstream never accepted")
+            .unwrap();
+    }
     let accepted: usize = servers.iter().map(UpstreamServer::accepted).sum();
     assert_eq!(accepted as u64, stats.total_created + stats.fallback_dials, "{stats:#?}");
     // What the upstreams still hold is exactly the pool's idle spares.

@@ -259,14 +259,17 @@ async fn assert_settled(pool: &Pool, servers: &[&UpstreamServer]) {
     }
     // The budget hears of the managers' last moves by message, a moment later.
     let mut budget = pool.watch_budget().await.unwrap();
-    tokio::time::timeout(PATIENCE, budget.wait_for(|b| b.reserved + b.evicting + b.waiting == 0))
-        .await
-        .expect("the budget never settled")
-        .unwrap();
+    tokio::time::timeout(
+        PATIENCE,
+        budget.wait_for(|b| b.reserved + b.lent + b.evicting + b.waiting == 0),
+    )
+    .await
+    .expect("the budget never settled")
+    .unwrap();
     let stats = pool.stats().await.unwrap();
     assert_eq!(stats.connections_in_use, 0, "{stats:#?}");
     assert_eq!(stats.pending_creates, 0, "{stats:#?}");
-    assert_eq!(stats.budget.reserved + stats.budget.evicting, 0, "{stats:#?}");
+    assert_eq!(stats.budget.reserved + stats.budget.lent + stats.budget.evicting, 0, "{stats:#?}");
     assert_eq!(stats.budget.pooled, stats.total_idle, "{stats:#?}");
     for server in servers {
         let idle = stats
@@ -661,6 +664,97 @@ async fn eviction_picks_the_least_recently_pooled_spare() {
         .query(&EventQuery { category: Some(category::POOL_LIMIT.into()), ..Default::default() });
     assert_eq!(evictions.len(), 2);
     assert!(evictions.iter().all(|e| e.severity == Severity::Warning));
+}
+
+/// Waits until the GlobalBudget's published view satisfies `pred`.
+async fn wait_budget(
+    pool: &Pool,
+    what: &str,
+    pred: impl FnMut(&poolsocks::pool::BudgetStats) -> bool,
+) -> poolsocks::pool::BudgetStats {
+    let mut rx = pool.watch_budget().await.unwrap();
+    let reached =
+        tokio::time::timeout(PATIENCE, rx.wait_for(pred)).await.map(|r| r.map(|s| s.clone()));
+    match reached {
+        Ok(Ok(stats)) => stats,
+        _ => panic!("budget never reached: {what}; last {:?}", *rx.borrow()),
+    }
+}
+
+#[tokio::test]
+async fn an_untouched_return_is_pooled_with_the_slot_its_session_kept() {
+    let x = UpstreamServer::start(None).await;
+    let mut opts = options();
+    opts.refill = RefillMode::Off;
+    let (pool, _telemetry) = spawn(opts).await;
+
+    // A miss, returned untouched: pooled with a slot reserved for it.
+    let upstream = pool.acquire(&x.target()).await.unwrap();
+    upstream.finish(true);
+    wait_dest(&pool, &x.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    let before = wait_budget(&pool, "pooled", |b| b.pooled == 1 && b.reserved == 0).await;
+    assert_eq!(before.granted, 1);
+
+    // A hit: the session keeps the spare's slot while it holds the connection.
+    let upstream = pool.acquire(&x.target()).await.unwrap();
+    assert_eq!(upstream.origin, Origin::Pooled);
+    wait_budget(&pool, "lent", |b| b.lent == 1 && b.pooled == 0).await;
+    upstream.finish(true);
+
+    // Back untouched, pooled again with that slot: no new reservation.
+    wait_dest(&pool, &x.target(), "pooled again", |s| s.idle == 1 && s.is_quiet()).await;
+    let after = wait_budget(&pool, "pooled again", |b| b.pooled == 1 && b.lent == 0).await;
+    assert_eq!(after.granted, 1, "{after:?}");
+    assert_eq!(after.high_water, 1, "{after:?}");
+    assert_eq!(x.accepted(), 1, "the same connection went round");
+    assert_settled(&pool, &[&x]).await;
+    assert_eq!(pool.stats().await.unwrap().returned_untouched, 2);
+}
+
+#[tokio::test]
+async fn a_lent_slot_is_taken_back_before_any_spare_is_evicted() {
+    let servers = [
+        UpstreamServer::start(None).await,
+        UpstreamServer::start(None).await,
+        UpstreamServer::start(None).await,
+    ];
+    let [x, y, z] = &servers;
+    let mut opts = options();
+    opts.refill = RefillMode::Off;
+    opts.max_idle_per_dest = 2;
+    opts.max_total_idle = 2;
+    let (pool, _telemetry) = spawn(opts).await;
+    for server in [x, y] {
+        let upstream = pool.acquire(&server.target()).await.unwrap();
+        upstream.finish(true);
+        wait_dest(&pool, &server.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    }
+    // X's spare goes to a session, which keeps its slot: the budget is still full.
+    let held = pool.acquire(&x.target()).await.unwrap();
+    assert_eq!(held.origin, Origin::Pooled);
+    wait_budget(&pool, "lent", |b| b.lent == 1 && b.pooled == 1).await;
+
+    // Z's return needs room: X's lent slot is taken back, Y's spare stays.
+    let upstream = pool.acquire(&z.target()).await.unwrap();
+    upstream.finish(true);
+    wait_dest(&pool, &z.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    let budget = wait_budget(&pool, "reclaimed", |b| b.lent == 0 && b.evicting == 0).await;
+    assert_eq!((budget.lent_reclaimed, budget.evictions), (1, 0), "{budget:?}");
+    assert!(budget.in_use() <= 2 && budget.high_water <= 2, "{budget:?}");
+    let ys = wait_dest(&pool, &y.target(), "kept", |s| s.idle == 1).await;
+    assert_eq!(ys.counters.evicted, 0);
+    assert_eq!(y.live(), 1);
+
+    // X's session ends untouched with no slot of its own: it asks for one, and the least
+    // recently pooled spare of another destination (Y's) makes room.
+    held.finish(true);
+    wait_dest(&pool, &x.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
+    let ys = wait_dest(&pool, &y.target(), "evicted", |s| s.idle == 0).await;
+    assert_eq!(ys.counters.evicted, 1);
+    y.wait_live(|l| *l == 0).await;
+    assert_settled(&pool, &[x, y, z]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!((stats.total_idle, stats.budget.high_water), (2, 2), "{stats:#?}");
 }
 
 #[tokio::test]

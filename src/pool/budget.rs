@@ -5,8 +5,15 @@
 //! outnumber slots, even for an instant. When no slot is free, the least recently pooled spare of
 //! another destination is evicted by message to its PoolManager, and the request waits until that
 //! slot is released. Replies go back by message too: a manager never blocks on the budget.
+//!
+//! A spare handed out keeps its slot, lent to the session (`Lent`): if the connection comes
+//! back untouched, its manager pools it again at once with that slot instead of asking for a
+//! new one (two messages per checkout and return, instead of a reservation round trip). A
+//! manager keeps no more lent slots than sessions out, and gives a lent slot to the background
+//! dial that replaces the spare (`Claimed`). When room is needed, a lent slot of another
+//! destination is taken back first (it holds no connection), before any spare is evicted.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
@@ -24,6 +31,8 @@ pub struct BudgetArgs {
 
 enum SlotState {
     Reserved,
+    /// Kept by its manager for a session that took its spare (see the module docs).
+    Lent,
     /// Idle in a pool since the given sequence number (lower = pooled earlier).
     Pooled(u64),
     Evicting,
@@ -39,6 +48,8 @@ pub struct BudgetState {
     slots: HashMap<SlotId, Slot>,
     /// Pooled slots by the order they were pooled: the first entry is the eviction victim.
     pooled_order: BTreeMap<u64, SlotId>,
+    /// Lent slots: taken back first when room is needed.
+    lent: BTreeSet<SlotId>,
     waiters: VecDeque<(ActorRef<ManagerMsg>, u64)>,
     next_slot: SlotId,
     next_seq: u64,
@@ -62,6 +73,7 @@ impl Actor for GlobalBudget {
             max: args.max_total_idle,
             slots: HashMap::new(),
             pooled_order: BTreeMap::new(),
+            lent: BTreeSet::new(),
             waiters: VecDeque::new(),
             next_slot: 1,
             next_seq: 1,
@@ -81,6 +93,8 @@ impl Actor for GlobalBudget {
         match message {
             BudgetMsg::Reserve { owner, tag } => state.reserve(owner, tag),
             BudgetMsg::Pooled { slot } => state.pooled(slot),
+            BudgetMsg::Lent { slot } => state.lent(slot),
+            BudgetMsg::Claimed { slot } => state.claimed(slot),
             BudgetMsg::Release { slot } => state.release(slot),
             BudgetMsg::ReleaseOwner(owner) => state.release_owner(owner),
             BudgetMsg::Stats(reply) => {
@@ -98,21 +112,36 @@ impl BudgetState {
             self.grant(owner, tag);
             return;
         }
-        // Full: evict the least recently pooled spare of another destination (evicting the
+        // Full: take back a lent slot of another destination (no connection is lost), else
+        // evict the least recently pooled spare of another destination (evicting the
         // requester's own spare to make room for the requester would only churn).
         let requester = owner.get_id();
-        let victim =
-            self.pooled_order.iter().map(|(&seq, &slot)| (seq, slot)).find(|(_, slot)| {
-                self.slots.get(slot).is_some_and(|s| s.owner.get_id() != requester)
-            });
+        let other =
+            |slot: &SlotId| self.slots.get(slot).is_some_and(|s| s.owner.get_id() != requester);
+        let lent = self.lent.iter().copied().find(|slot| other(slot));
+        let victim = match lent {
+            Some(slot) => Some(slot),
+            None => self.pooled_order.values().copied().find(|slot| other(slot)),
+        };
         match victim {
-            Some((seq, slot_id)) => {
-                self.pooled_order.remove(&seq);
+            Some(slot_id) => {
                 if let Some(slot) = self.slots.get_mut(&slot_id) {
+                    match slot.state {
+                        SlotState::Lent => {
+                            self.lent.remove(&slot_id);
+                            self.stats.lent -= 1;
+                            self.stats.lent_reclaimed += 1;
+                        }
+                        SlotState::Pooled(seq) => {
+                            self.pooled_order.remove(&seq);
+                            self.stats.pooled -= 1;
+                            self.stats.evictions += 1;
+                        }
+                        SlotState::Reserved | SlotState::Evicting => {}
+                    }
                     slot.state = SlotState::Evicting;
-                    self.stats.pooled -= 1;
                     self.stats.evicting += 1;
-                    self.stats.evictions += 1;
+                    // The manager closes the spare (or gives the lent slot back) and releases.
                     if slot.owner.cast(ManagerMsg::Evict { slot: slot_id }).is_err() {
                         // Its manager is gone; the slot is free right away.
                         self.slots.remove(&slot_id);
@@ -152,15 +181,49 @@ impl BudgetState {
 
     fn pooled(&mut self, slot_id: SlotId) {
         if let Some(slot) = self.slots.get_mut(&slot_id) {
-            if !matches!(slot.state, SlotState::Reserved) {
-                return; // pooled twice: a bug elsewhere, but never count it twice here
+            match slot.state {
+                SlotState::Reserved => self.stats.reserved -= 1,
+                SlotState::Lent => {
+                    self.lent.remove(&slot_id);
+                    self.stats.lent -= 1;
+                }
+                // Being taken back: its manager will find the spare and evict it.
+                SlotState::Evicting => return,
+                // Pooled twice: a bug elsewhere, but never count it twice here.
+                SlotState::Pooled(_) => return,
             }
             let seq = self.next_seq;
             self.next_seq += 1;
             slot.state = SlotState::Pooled(seq);
             self.pooled_order.insert(seq, slot_id);
-            self.stats.reserved -= 1;
             self.stats.pooled += 1;
+        }
+    }
+
+    /// A lent slot now carries a background dial.
+    fn claimed(&mut self, slot_id: SlotId) {
+        if let Some(slot) = self.slots.get_mut(&slot_id) {
+            // Being taken back: its manager closes the dial's connection when it arrives.
+            if matches!(slot.state, SlotState::Lent) {
+                self.lent.remove(&slot_id);
+                self.stats.lent -= 1;
+                slot.state = SlotState::Reserved;
+                self.stats.reserved += 1;
+            }
+        }
+    }
+
+    /// A pooled slot's spare was handed out; its manager keeps the slot for the session.
+    fn lent(&mut self, slot_id: SlotId) {
+        if let Some(slot) = self.slots.get_mut(&slot_id) {
+            // Anything but pooled (being evicted, most likely) stays as it is.
+            if let SlotState::Pooled(seq) = slot.state {
+                self.pooled_order.remove(&seq);
+                self.stats.pooled -= 1;
+                slot.state = SlotState::Lent;
+                self.lent.insert(slot_id);
+                self.stats.lent += 1;
+            }
         }
     }
 
@@ -168,6 +231,10 @@ impl BudgetState {
         if let Some(slot) = self.slots.remove(&slot_id) {
             match slot.state {
                 SlotState::Reserved => self.stats.reserved -= 1,
+                SlotState::Lent => {
+                    self.lent.remove(&slot_id);
+                    self.stats.lent -= 1;
+                }
                 SlotState::Pooled(seq) => {
                     self.pooled_order.remove(&seq);
                     self.stats.pooled -= 1;
@@ -196,15 +263,18 @@ impl BudgetState {
         // Debug builds (every test) recount the slots to prove the running counts exact.
         #[cfg(debug_assertions)]
         {
-            let mut counted = (0, 0, 0);
+            let mut counted = (0, 0, 0, 0);
             for slot in self.slots.values() {
                 match slot.state {
                     SlotState::Reserved => counted.0 += 1,
-                    SlotState::Pooled(_) => counted.1 += 1,
-                    SlotState::Evicting => counted.2 += 1,
+                    SlotState::Lent => counted.1 += 1,
+                    SlotState::Pooled(_) => counted.2 += 1,
+                    SlotState::Evicting => counted.3 += 1,
                 }
             }
-            let kept = (self.stats.reserved, self.stats.pooled, self.stats.evicting);
+            let kept =
+                (self.stats.reserved, self.stats.lent, self.stats.pooled, self.stats.evicting);
+            assert_eq!(counted.1, self.lent.len(), "lent slots drifted from their index");
             assert_eq!(counted, kept, "budget counts drifted from its slots");
         }
         BudgetStats { waiting: self.waiters.len(), ..self.stats.clone() }

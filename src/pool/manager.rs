@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -64,7 +64,14 @@ pub struct ManagerState {
     /// Spares, oldest first; handed out from the end (LIFO).
     idle: Vec<Spare>,
     in_use: u64,
+    /// Budget slots of spares handed out, kept for those sessions (never more than `in_use`):
+    /// an untouched return is pooled again with one at once, no reservation needed.
+    lent_slots: Vec<SlotId>,
     pending_dials: u64,
+    /// Slots of background dials in flight, and those of them the budget asked back (their
+    /// connection is closed when the dial finishes).
+    dialing: Vec<SlotId>,
+    doomed_dials: Vec<SlotId>,
     awaiting: HashMap<u64, SlotPurpose>,
     next_tag: u64,
     next_spare: SpareId,
@@ -76,6 +83,8 @@ pub struct ManagerState {
     retiring: bool,
     idle_high_water: usize,
     counters: DestCounters,
+    /// The checkout of the message being handled, sent once the published view includes it.
+    unanswered: Option<(RpcReplyPort<Checkout>, Checkout)>,
 }
 
 impl Actor for PoolManager {
@@ -101,7 +110,10 @@ impl Actor for PoolManager {
             publish: args.stats,
             idle: Vec::new(),
             in_use: 0,
+            lent_slots: Vec::new(),
             pending_dials: 0,
+            dialing: Vec::new(),
+            doomed_dials: Vec::new(),
             awaiting: HashMap::new(),
             next_tag: 1,
             next_spare: 1,
@@ -109,6 +121,7 @@ impl Actor for PoolManager {
             retiring: false,
             idle_high_water: 0,
             counters: args.counters,
+            unanswered: None,
         };
         state.publish();
         Ok(state)
@@ -122,6 +135,12 @@ impl Actor for PoolManager {
     ) -> Result<(), ActorProcessingErr> {
         let outcome = state.handle(&myself, message).await;
         state.publish();
+        // Answered only now, so a client that got its checkout never reads an older view.
+        if let Some((reply, checkout)) = state.unanswered.take() {
+            // If the caller gave up, the checkout is dropped here and its lease releases
+            // itself: counts stay exact (a spare is lost, not leaked).
+            let _ = reply.send(checkout);
+        }
         outcome
     }
 }
@@ -147,10 +166,8 @@ impl ManagerState {
             ManagerMsg::Acquire(reply) | ManagerMsg::AcquireDirect(reply) => {
                 // Routed by the Directory means it still lists us: not being pruned.
                 self.retiring = false;
-                let checkout = self.checkout(myself).await;
-                // If the caller gave up, the checkout is dropped here and its lease releases
-                // itself: counts stay exact (a spare is lost, not leaked).
-                let _ = reply.send(checkout);
+                let checkout = self.checkout(myself);
+                self.unanswered = Some((reply, checkout));
             }
             ManagerMsg::Release { untouched } => self.release(myself, untouched),
             ManagerMsg::MissDialed { ok, took } => {
@@ -167,11 +184,11 @@ impl ManagerState {
             }
             ManagerMsg::SlotGranted { tag, slot } => self.slot_granted(myself, tag, slot),
             ManagerMsg::SlotDenied { tag } => self.slot_denied(tag),
-            ManagerMsg::Evict { slot } => self.evict(slot).await,
-            ManagerMsg::PeerClosed { spare } => self.peer_closed(spare).await,
+            ManagerMsg::Evict { slot } => self.evict(slot),
+            ManagerMsg::SpareReadable { spare } => self.spare_readable(myself, spare),
             ManagerMsg::Sweep { now, idle_timeout, cold_after, reply } => {
-                let expired = self.expire(now, idle_timeout).await;
-                let trimmed = self.trim_surplus(now).await;
+                let expired = self.expire(now, idle_timeout);
+                let trimmed = self.trim_surplus(now);
                 let cold = self.idle.is_empty()
                     && self.in_use == 0
                     && self.pending_dials == 0
@@ -194,7 +211,7 @@ impl ManagerState {
 
     /// Hands out the newest valid spare, or answers `Miss`. Either way the session is counted
     /// in use and, if the refill target wants it, background dials are started.
-    async fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
+    fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
         let now = Instant::now();
         self.last_activity = now;
         self.refill.observe_checkout(now);
@@ -204,22 +221,19 @@ impl ManagerState {
             let too_old =
                 now.saturating_duration_since(spare.pooled_at) >= self.options.idle_timeout;
             // Each discarded socket is closed (dropped) before its slot is given back.
-            match spare.reclaim().await {
-                Some(stream) if too_old => {
-                    drop(stream);
-                    self.counters.expired += 1;
-                }
-                Some(stream) if probe(&stream) == Probe::Closed => {
-                    drop(stream);
-                    self.counters.validation_drops += 1;
-                    tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
-                }
-                Some(stream) => {
-                    self.release_slot(slot);
-                    found = Some(stream);
-                    break;
-                }
-                None => self.counters.validation_drops += 1,
+            if too_old {
+                drop(spare);
+                self.counters.expired += 1;
+            } else if probe(spare.stream()) == Probe::Closed {
+                drop(spare);
+                self.counters.validation_drops += 1;
+                tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
+            } else {
+                // The session keeps the slot in case its connection comes back untouched.
+                self.lent_slots.push(slot);
+                let _ = self.budget.cast(BudgetMsg::Lent { slot });
+                found = Some(spare.into_stream());
+                break;
             }
             self.release_slot(slot);
         }
@@ -259,6 +273,15 @@ impl ManagerState {
     }
 
     fn ask_slot(&mut self, myself: &ActorRef<ManagerMsg>, purpose: SlotPurpose) {
+        // A slot lent to a session goes to the replacement of its spare: the session's
+        // connection, if it comes back untouched, asks for one of its own.
+        if matches!(purpose, SlotPurpose::Refill) {
+            if let Some(slot) = self.lent_slots.pop() {
+                let _ = self.budget.cast(BudgetMsg::Claimed { slot });
+                self.start_dial(myself, slot);
+                return;
+            }
+        }
         let tag = self.next_tag;
         self.next_tag += 1;
         let request = BudgetMsg::Reserve { owner: myself.clone(), tag };
@@ -273,14 +296,20 @@ impl ManagerState {
     fn release(&mut self, myself: &ActorRef<ManagerMsg>, untouched: Option<TcpStream>) {
         self.last_activity = Instant::now();
         match untouched {
-            None => self.in_use = self.in_use.saturating_sub(1),
+            None => self.end_session(),
             Some(stream) if self.committed() < self.options.max_idle_per_dest => {
-                // Stays counted in use until it is pooled or dropped.
-                self.ask_slot(myself, SlotPurpose::Return(stream));
+                if let Some(slot) = self.lent_slots.pop() {
+                    self.end_session();
+                    self.counters.returned_untouched += 1;
+                    self.pool(myself, stream, slot);
+                } else {
+                    // Stays counted in use until it is pooled or dropped.
+                    self.ask_slot(myself, SlotPurpose::Return(stream));
+                }
             }
             Some(stream) => {
                 drop(stream);
-                self.in_use = self.in_use.saturating_sub(1);
+                self.end_session();
                 self.counters.dropped_full += 1;
                 self.telemetry.warning(
                     category::POOL_LIMIT,
@@ -294,11 +323,21 @@ impl ManagerState {
         }
     }
 
+    /// One session fewer in use; a slot lent beyond the sessions still out goes back.
+    fn end_session(&mut self) {
+        self.in_use = self.in_use.saturating_sub(1);
+        while self.lent_slots.len() as u64 > self.in_use {
+            if let Some(slot) = self.lent_slots.pop() {
+                self.release_slot(slot);
+            }
+        }
+    }
+
     fn slot_granted(&mut self, myself: &ActorRef<ManagerMsg>, tag: u64, slot: SlotId) {
         match self.awaiting.remove(&tag) {
             Some(SlotPurpose::Refill) => self.start_dial(myself, slot),
             Some(SlotPurpose::Return(stream)) => {
-                self.in_use = self.in_use.saturating_sub(1);
+                self.end_session();
                 self.counters.returned_untouched += 1;
                 self.pool(myself, stream, slot);
             }
@@ -317,7 +356,7 @@ impl ManagerState {
             SlotPurpose::Refill => self.counters.refill_denied += 1,
             SlotPurpose::Return(stream) => {
                 drop(stream);
-                self.in_use = self.in_use.saturating_sub(1);
+                self.end_session();
                 self.counters.dropped_full += 1;
                 self.telemetry.warning(
                     category::POOL_LIMIT,
@@ -333,6 +372,7 @@ impl ManagerState {
 
     fn start_dial(&mut self, myself: &ActorRef<ManagerMsg>, slot: SlotId) {
         self.pending_dials += 1;
+        self.dialing.push(slot);
         let dialer = Arc::clone(&self.dialer);
         let target = self.destination.clone();
         let timeout = self.options.connect_timeout;
@@ -353,6 +393,20 @@ impl ManagerState {
         took: Duration,
     ) {
         self.pending_dials = self.pending_dials.saturating_sub(1);
+        if let Some(index) = self.dialing.iter().position(|&s| s == slot) {
+            self.dialing.swap_remove(index);
+        }
+        if let Some(index) = self.doomed_dials.iter().position(|&s| s == slot) {
+            // The budget took this slot back while the dial ran: the new spare has no room.
+            self.doomed_dials.swap_remove(index);
+            if result.is_ok() {
+                self.counters.created += 1;
+                self.counters.evicted += 1;
+            }
+            drop(result);
+            self.release_slot(slot);
+            return;
+        }
         match result {
             Ok(stream) => {
                 self.counters.created += 1;
@@ -386,7 +440,9 @@ impl ManagerState {
     fn pool(&mut self, myself: &ActorRef<ManagerMsg>, stream: TcpStream, slot: SlotId) {
         let id = self.next_spare;
         self.next_spare += 1;
-        self.idle.push(Spare::watch(stream, id, slot, myself.clone()));
+        let spare = Spare::new(stream, id, slot);
+        spare.watch(myself);
+        self.idle.push(spare);
         self.idle_high_water = self.idle_high_water.max(self.idle.len());
         let _ = self.budget.cast(BudgetMsg::Pooled { slot });
     }
@@ -395,11 +451,22 @@ impl ManagerState {
         let _ = self.budget.cast(BudgetMsg::Release { slot });
     }
 
-    async fn evict(&mut self, slot: SlotId) {
+    fn evict(&mut self, slot: SlotId) {
+        // A lent slot is given back: the session's connection, if it comes back untouched,
+        // will ask for a slot of its own.
+        if let Some(index) = self.lent_slots.iter().position(|&s| s == slot) {
+            self.lent_slots.swap_remove(index);
+            self.release_slot(slot);
+            return;
+        }
+        // A lent slot this manager had just given to a background dial: closed on arrival.
+        if self.dialing.contains(&slot) {
+            self.doomed_dials.push(slot);
+            return;
+        }
         // Not found: it was handed out or closed already, and its slot released then.
-        if let Some(index) = self.idle.iter().position(|s| s.slot == slot) {
-            let spare = self.idle.remove(index);
-            drop(spare.reclaim().await);
+        if let Some(index) = self.idle.iter().rposition(|s| s.slot == slot) {
+            drop(self.idle.remove(index));
             self.counters.evicted += 1;
             self.release_slot(slot);
             self.telemetry.warning(
@@ -413,18 +480,32 @@ impl ManagerState {
         }
     }
 
-    async fn peer_closed(&mut self, spare: SpareId) {
-        if let Some(index) = self.idle.iter().position(|s| s.id == spare) {
-            let spare = self.idle.remove(index);
-            let slot = spare.slot;
-            drop(spare.reclaim().await);
-            self.counters.peer_closed += 1;
-            self.release_slot(slot);
-            tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
+    /// An idle spare's socket became readable: closed by its peer (drop it), a greeting (leave
+    /// it for the client and stop watching), or nothing after all (watch again).
+    fn spare_readable(&mut self, myself: &ActorRef<ManagerMsg>, spare: SpareId) {
+        // Not found: handed out or closed since; the wake-up was meant for an idle spare.
+        let Some(index) = self.idle.iter().rposition(|s| s.id == spare) else {
+            return;
+        };
+        match probe(self.idle[index].stream()) {
+            Probe::Closed => {
+                let spare = self.idle.remove(index);
+                let slot = spare.slot;
+                drop(spare);
+                self.counters.peer_closed += 1;
+                self.release_slot(slot);
+                tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
+            }
+            Probe::Greeting => {}
+            Probe::Quiet => {
+                let spare = &self.idle[index];
+                spare.forget_readiness();
+                spare.watch(myself);
+            }
         }
     }
 
-    async fn expire(&mut self, now: Instant, idle_timeout: Duration) -> u64 {
+    fn expire(&mut self, now: Instant, idle_timeout: Duration) -> u64 {
         let (old, fresh): (Vec<Spare>, Vec<Spare>) = std::mem::take(&mut self.idle)
             .into_iter()
             .partition(|s| now.saturating_duration_since(s.pooled_at) >= idle_timeout);
@@ -432,7 +513,7 @@ impl ManagerState {
         let expired = old.len() as u64;
         for spare in old {
             let slot = spare.slot;
-            drop(spare.reclaim().await);
+            drop(spare);
             self.release_slot(slot);
         }
         self.counters.expired += expired;
@@ -442,7 +523,7 @@ impl ManagerState {
     /// Closes idle spares beyond the current target that have waited `SURPLUS_GRACE`, oldest
     /// first: LIFO hand-out leaves the least recently pooled at the bottom, so those are the
     /// ones demand no longer reaches. Their budget slots go back to other destinations.
-    async fn trim_surplus(&mut self, now: Instant) -> u64 {
+    fn trim_surplus(&mut self, now: Instant) -> u64 {
         let keep = self.refill.keep_at_most(now);
         let mut trimmed = 0;
         while self.committed() > keep
@@ -453,7 +534,7 @@ impl ManagerState {
         {
             let spare = self.idle.remove(0);
             let slot = spare.slot;
-            drop(spare.reclaim().await);
+            drop(spare);
             self.release_slot(slot);
             trimmed += 1;
         }

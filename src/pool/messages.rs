@@ -89,10 +89,11 @@ pub enum ManagerMsg {
     SlotGranted { tag: u64, slot: SlotId },
     /// The GlobalBudget refused the reservation requested with `tag`.
     SlotDenied { tag: u64 },
-    /// The GlobalBudget wants this slot's spare closed to make room elsewhere.
+    /// The GlobalBudget wants this slot back to make room elsewhere: the lent slot given back,
+    /// or its idle spare closed.
     Evict { slot: SlotId },
-    /// An idle spare's peer closed or reset it.
-    PeerClosed { spare: SpareId },
+    /// An idle spare's socket became readable: its peer closed it, or sent a greeting.
+    SpareReadable { spare: SpareId },
     /// Expire spares older than `idle_timeout`, close surplus spares, and report whether the
     /// destination is cold.
     Sweep {
@@ -115,6 +116,11 @@ pub enum BudgetMsg {
     Reserve { owner: ActorRef<ManagerMsg>, tag: u64 },
     /// The slot's connection now sits idle in its pool (so it may be evicted).
     Pooled { slot: SlotId },
+    /// The slot's spare was handed out; its manager keeps the slot for that session, in case
+    /// the connection comes back untouched.
+    Lent { slot: SlotId },
+    /// A lent slot now carries a background dial (the replacement of the spare handed out).
+    Claimed { slot: SlotId },
     /// The slot is free again (its spare was handed out, closed, or its dial failed).
     Release { slot: SlotId },
     /// An owner died: free everything it held or waited for.

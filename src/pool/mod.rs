@@ -17,7 +17,9 @@
 //!   (spawned linked on first demand), supervises and restarts, and prunes cold destinations;
 //! - [`PoolManager`](manager::PoolManager): one per destination, owner of its spares;
 //! - [`GlobalBudget`](budget::GlobalBudget): `max_total_idle`, by reservation before a
-//!   connection may enter a pool, evicting the least recently pooled spare when full;
+//!   connection may enter a pool (a spare handed out lends its slot to the session, for an
+//!   untouched return or the replacement dial), taking lent slots back first and then evicting
+//!   the least recently pooled spare when full;
 //! - [`Janitor`](janitor::Janitor): a timer that expires old spares and prunes cold
 //!   destinations.
 //!

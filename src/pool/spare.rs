@@ -1,20 +1,28 @@
 //! An idle spare: a never-used upstream connection, watched for a peer close while it waits.
 //!
-//! While idle, the stream is owned by a small watcher task that wakes only if the socket becomes
-//! readable. EOF or an error means the peer closed it: the PoolManager is told at once and drops
-//! it. Readable data is a server greeting (e.g. SMTP/FTP banners): it is left in the socket for
-//! the client and watching stops (a close after a greeting is then caught at checkout, or not
-//! at all if the greeting precedes it, in which case the client reads greeting then EOF, as it
-//! would direct). The PoolManager takes the stream back by message before handing it out or
-//! closing it, so a closed spare is really closed before its budget slot is released.
+//! The PoolManager owns the stream itself, so a checkout hands it out at once (no other task to
+//! wait for). Watching costs no task either: the manager registers a waker with tokio's I/O
+//! driver for the socket's readability (`Spare::watch`); the driver calls it if the socket
+//! becomes readable, and the waker sends `SpareReadable` to the manager, which looks at the
+//! socket ([`probe`]). EOF or an error means the peer closed it: the manager drops it at once.
+//! Readable data is a server greeting (e.g. SMTP/FTP banners): it is left in the socket for the
+//! client and watching stops (a close after a greeting is then caught at checkout, or not at all
+//! if the greeting precedes it, in which case the client reads greeting then EOF, as it would
+//! direct). A closed spare is dropped by the manager before its budget slot is released.
+//!
+//! Once the stream is handed out, the client's first read replaces the waker (tokio keeps one
+//! reader waker per socket); until then a wake finds no spare with that id and is ignored.
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::mem::MaybeUninit;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
 use ractor::ActorRef;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::messages::{ManagerMsg, SlotId, SpareId};
@@ -23,53 +31,64 @@ pub(crate) struct Spare {
     pub id: SpareId,
     pub slot: SlotId,
     pub pooled_at: Instant,
-    give_back: oneshot::Sender<()>,
-    watcher: JoinHandle<Option<TcpStream>>,
+    stream: TcpStream,
+}
+
+/// The waker the I/O driver calls when an idle spare's socket becomes readable.
+struct ReadableAlarm {
+    manager: ActorRef<ManagerMsg>,
+    spare: SpareId,
+}
+
+impl Wake for ReadableAlarm {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // If the manager is gone its spares went with it: nothing to tell.
+        let _ = self.manager.cast(ManagerMsg::SpareReadable { spare: self.spare });
+    }
 }
 
 impl Spare {
-    pub fn watch(
-        stream: TcpStream,
-        id: SpareId,
-        slot: SlotId,
-        manager: ActorRef<ManagerMsg>,
-    ) -> Self {
-        let (give_back, give_back_rx) = oneshot::channel();
-        let watcher = tokio::spawn(watch(stream, id, manager, give_back_rx));
-        Spare { id, slot, pooled_at: Instant::now(), give_back, watcher }
+    pub fn new(stream: TcpStream, id: SpareId, slot: SlotId) -> Self {
+        Spare { id, slot, pooled_at: Instant::now(), stream }
     }
 
-    /// Takes the stream back from the watcher. `None` if the watcher is gone (it cannot
-    /// happen short of a panic in it; the stream is then already closed).
-    pub async fn reclaim(self) -> Option<TcpStream> {
-        let _ = self.give_back.send(());
-        self.watcher.await.ok().flatten()
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
     }
-}
 
-async fn watch(
-    stream: TcpStream,
-    id: SpareId,
-    manager: ActorRef<ManagerMsg>,
-    mut give_back: oneshot::Receiver<()>,
-) -> Option<TcpStream> {
-    let mut byte = [0u8; 1];
-    let mut watching = true;
-    loop {
-        let asked = tokio::select! {
-            biased;
-            asked = &mut give_back => asked,
-            peeked = stream.peek(&mut byte), if watching => {
-                watching = false;
-                if !matches!(peeked, Ok(n) if n > 0) {
-                    // EOF or reset while idle; if the manager is gone the stream goes with us.
-                    let _ = manager.cast(ManagerMsg::PeerClosed { spare: id });
-                }
-                continue;
-            }
-        };
-        // A dropped sender means the PoolManager died: the stream must not outlive it.
-        return asked.ok().map(|()| stream);
+    pub fn into_stream(self) -> TcpStream {
+        self.stream
+    }
+
+    /// Has `manager` told (`SpareReadable`) when the socket becomes readable: at once, by
+    /// message, if it already is. After a wake-up that [`probe`] found `Quiet`, call
+    /// [`Spare::forget_readiness`] first, or the stale readiness would wake it again.
+    pub fn watch(&self, manager: &ActorRef<ManagerMsg>) {
+        let alarm = Arc::new(ReadableAlarm { manager: manager.clone(), spare: self.id });
+        let waker = Waker::from(alarm);
+        // Unconstrained: out of cooperative budget, tokio would answer Pending without
+        // registering the waker (and wake it at once instead): a wasted round trip. The
+        // wrapper completes on its first poll and never keeps the context it is polled with.
+        let mut cx = Context::from_waker(&waker);
+        let register = pin!(tokio::task::unconstrained(poll_fn(|cx: &mut Context<'_>| {
+            Poll::Ready(self.stream.poll_read_ready(cx).is_ready())
+        })));
+        let ready = register.poll(&mut cx);
+        if matches!(ready, Poll::Ready(true)) {
+            waker.wake();
+        }
+    }
+
+    /// Clears tokio's cached readiness after a wake-up that found nothing to read, so the next
+    /// [`Spare::watch`] waits for a new event.
+    pub fn forget_readiness(&self) {
+        let _ = self
+            .stream
+            .try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
     }
 }
 

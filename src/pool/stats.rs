@@ -92,15 +92,19 @@ impl DestStats {
     }
 }
 
-/// The GlobalBudget's slots. `reserved + pooled + evicting` never exceeds `max_total_idle`.
+/// The GlobalBudget's slots. `reserved + lent + pooled + evicting` never exceeds
+/// `max_total_idle`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BudgetStats {
     pub max_total_idle: usize,
     /// Slots granted for a connection on its way into a pool (dialing or being returned).
     pub reserved: usize,
+    /// Slots kept by a manager for sessions out, so an untouched return is pooled again at
+    /// once (never more than that manager's sessions; taken back first when room is needed).
+    pub lent: usize,
     /// Slots whose connection sits idle in a pool.
     pub pooled: usize,
-    /// Pooled slots asked to be evicted and not released yet.
+    /// Pooled or lent slots asked back and not released yet.
     pub evicting: usize,
     /// Reservations queued behind an eviction.
     pub waiting: usize,
@@ -109,11 +113,13 @@ pub struct BudgetStats {
     pub granted: u64,
     pub denied: u64,
     pub evictions: u64,
+    /// Lent slots taken back to make room elsewhere (no connection closed).
+    pub lent_reclaimed: u64,
 }
 
 impl BudgetStats {
     pub fn in_use(&self) -> usize {
-        self.reserved + self.pooled + self.evicting
+        self.reserved + self.lent + self.pooled + self.evicting
     }
 }
 

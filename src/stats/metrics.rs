@@ -139,7 +139,7 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
     gauge(
         registry,
         "budget_slots_in_use",
-        "GlobalBudget slots reserved, pooled or evicting",
+        "GlobalBudget slots reserved, lent, pooled or evicting",
         budget.in_use() as u64,
     );
     gauge(
