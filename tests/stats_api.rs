@@ -434,6 +434,7 @@ async fn metrics_follow_real_traffic_and_parse() {
     assert!(per_dest("poolsocks_pool_destination_refill_target") >= 1.0, "refill target exported");
     assert_eq!(per_dest("poolsocks_pool_destination_trimmed_total"), 0.0);
     assert_eq!(value("poolsocks_pool_trimmed_total"), 0.0);
+    assert_eq!(value("poolsocks_pool_abandoned_total"), 0.0);
     // The format's own rules, beyond what the parser checks.
     assert!(text.contains("# TYPE poolsocks_pool_hits_total counter"), "{text}");
     assert!(text.contains("# HELP poolsocks_sessions_active "), "{text}");

@@ -448,6 +448,10 @@ impl ManagerState {
     }
 
     fn release_slot(&self, slot: SlotId) {
+        // Publish first: once the budget has the slot it may let another destination pool a
+        // spare, and the sum of the published views (`total_idle`) must never show both.
+        // Seen without it: 101 idle sampled with `max_total_idle = 100` (1,000 destinations).
+        self.publish();
         let _ = self.budget.cast(BudgetMsg::Release { slot });
     }
 

@@ -144,6 +144,9 @@ pub struct PoolStats {
     pub refill_denied: u64,
     /// Surplus spares closed after demand fell.
     pub trimmed: u64,
+    /// Checkouts whose caller had given up (timed out and dialed directly) before the manager
+    /// got to them: a sign of an overloaded or stalled PoolManager.
+    pub abandoned: u64,
     /// PoolManagers restarted after a failure.
     pub manager_restarts: u64,
     /// Cold destinations whose PoolManager was stopped.
@@ -192,6 +195,7 @@ impl PoolStats {
         stats.returned_untouched = counters.returned_untouched;
         stats.refill_denied = counters.refill_denied;
         stats.trimmed = counters.trimmed;
+        stats.abandoned = counters.abandoned;
         stats.per_destination = per_destination;
         stats
     }

@@ -185,6 +185,11 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
             "Checkouts answered by a direct dial because the pool was slow or down",
             stats.fallback_dials,
         ),
+        (
+            "abandoned",
+            "Checkouts whose caller had timed out before the PoolManager got to them",
+            stats.abandoned,
+        ),
     ] {
         counter(registry, name, help, value);
     }
