@@ -618,26 +618,32 @@ async fn limits_hold_under_concurrent_check_ins() {
         .is_empty());
 }
 
-#[tokio::test]
-async fn eviction_picks_the_least_recently_pooled_spare() {
+/// Three upstreams X, Y, Z and a pool with room for two spares (no background dials), filled
+/// by one untouched return at X and then one at Y: X's spare is the least recently pooled.
+async fn full_budget_of_two() -> ([UpstreamServer; 3], Pool, Telemetry) {
     let servers = [
         UpstreamServer::start(None).await,
         UpstreamServer::start(None).await,
         UpstreamServer::start(None).await,
     ];
-    let [x, y, z] = &servers;
     let mut opts = options();
     opts.refill = RefillMode::Off;
     opts.max_idle_per_dest = 2;
     opts.max_total_idle = 2;
     let (pool, telemetry) = spawn(opts).await;
-
-    // Pool one spare at X, then one at Y: the budget is full, X's is the least recent.
-    for server in [x, y] {
+    for server in &servers[..2] {
         let upstream = pool.acquire(&server.target()).await.unwrap();
         upstream.finish(true);
         wait_dest(&pool, &server.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
     }
+    (servers, pool, telemetry)
+}
+
+#[tokio::test]
+async fn eviction_picks_the_least_recently_pooled_spare() {
+    // X and Y each pooled one spare: the budget is full, X's is the least recent.
+    let (servers, pool, telemetry) = full_budget_of_two().await;
+    let [x, y, z] = &servers;
     // A third destination's return evicts X's spare, not Y's.
     let upstream = pool.acquire(&z.target()).await.unwrap();
     upstream.finish(true);
@@ -713,22 +719,8 @@ async fn an_untouched_return_is_pooled_with_the_slot_its_session_kept() {
 
 #[tokio::test]
 async fn a_lent_slot_is_taken_back_before_any_spare_is_evicted() {
-    let servers = [
-        UpstreamServer::start(None).await,
-        UpstreamServer::start(None).await,
-        UpstreamServer::start(None).await,
-    ];
+    let (servers, pool, _telemetry) = full_budget_of_two().await;
     let [x, y, z] = &servers;
-    let mut opts = options();
-    opts.refill = RefillMode::Off;
-    opts.max_idle_per_dest = 2;
-    opts.max_total_idle = 2;
-    let (pool, _telemetry) = spawn(opts).await;
-    for server in [x, y] {
-        let upstream = pool.acquire(&server.target()).await.unwrap();
-        upstream.finish(true);
-        wait_dest(&pool, &server.target(), "pooled", |s| s.idle == 1 && s.is_quiet()).await;
-    }
     // X's spare goes to a session, which keeps its slot: the budget is still full.
     let held = pool.acquire(&x.target()).await.unwrap();
     assert_eq!(held.origin, Origin::Pooled);
