@@ -372,7 +372,7 @@ if wanted many-destinations; then
   wait_port 127.0.0.1 12999 || { say "FAIL: upstream on 1,000 ports did not start"; exit 1; }
   measure many-destinations 127.0.0.1 run --target "$MANY_UPSTREAM" -c 16 -d "$DURATION" \
     --warmup "$WARMUP" -n 1 --upstream-stats 127.0.0.1:12000
-  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
+  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running (a sum of per-destination views read one after another); \"budget high water\" is the most slots the GlobalBudget ever held at once (reserved, lent, pooled or evicting), its own exact record; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
   stop_pid "$UPSTREAM_PID"
 fi
 

@@ -205,12 +205,12 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
     let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) |" } else { "" };
     let _ = writeln!(
         md,
-        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | idle after load | hit rate | errors |",
+        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | budget high water | idle after load | hit rate | errors |",
         args.baseline, args.pool_off
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|",
         if args.rtt_ms.is_some() { "---|" } else { "" }
     );
     for group in groups {
@@ -228,7 +228,7 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             .unwrap_or_else(|| "—".into());
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {reuse} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {reuse} | {} | {} | {} | {} | {} |",
             group.label,
             group.runs.len(),
             best.rps,
@@ -242,6 +242,7 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             ms(lat.p999_us),
             ms(lat.max_us),
             max_idle_sampled(group),
+            budget_high_water(group),
             idle_after(best),
             hit_rate(best),
             errors_text(group),
@@ -267,6 +268,19 @@ fn max_idle_sampled(group: &Group) -> String {
         }
     }
     max.map_or_else(|| "—".into(), |m| format!("{m:.0}"))
+}
+
+/// The most budget slots ever held at once (reserved + lent + pooled + evicting), as the
+/// GlobalBudget itself records it: exact, unlike a sum of per-destination views read one after
+/// another, which a sampler can catch half-updated.
+fn budget_high_water(group: &Group) -> String {
+    let high = group
+        .runs
+        .iter()
+        .flat_map(|run| run.stats_samples.iter().chain(run.stats_after.iter()))
+        .filter_map(|s| s.get("budget")?.get("high_water")?.as_f64())
+        .fold(None, |max: Option<f64>, v| Some(max.map_or(v, |m| m.max(v))));
+    high.map_or_else(|| "—".into(), |m| format!("{m:.0}"))
 }
 
 /// `total_idle` in the last sample taken after the load stopped, with how long after.

@@ -418,8 +418,8 @@ impl ManagerState {
                 }
             }
             Err(error) => {
-                self.release_slot(slot);
                 self.counters.connect_failures += 1;
+                self.release_slot(slot);
                 let delay = self.backoff.failed(Instant::now());
                 tracing::warn!(destination = %self.label, %error, ?delay, "background dial failed");
                 self.telemetry.error(
@@ -491,7 +491,7 @@ impl ManagerState {
         let Some(index) = self.idle.iter().rposition(|s| s.id == spare) else {
             return;
         };
-        match probe(self.idle[index].stream()) {
+        match self.idle[index].probe_after_wake() {
             Probe::Closed => {
                 let spare = self.idle.remove(index);
                 let slot = spare.slot;
@@ -501,11 +501,7 @@ impl ManagerState {
                 tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
             }
             Probe::Greeting => {}
-            Probe::Quiet => {
-                let spare = &self.idle[index];
-                spare.forget_readiness();
-                spare.watch(myself);
-            }
+            Probe::Quiet => self.idle[index].watch(myself),
         }
     }
 
@@ -515,12 +511,13 @@ impl ManagerState {
             .partition(|s| now.saturating_duration_since(s.pooled_at) >= idle_timeout);
         self.idle = fresh;
         let expired = old.len() as u64;
+        // Counted before the slots go back, so the view published with each release agrees.
+        self.counters.expired += expired;
         for spare in old {
             let slot = spare.slot;
             drop(spare);
             self.release_slot(slot);
         }
-        self.counters.expired += expired;
         expired
     }
 
@@ -539,10 +536,10 @@ impl ManagerState {
             let spare = self.idle.remove(0);
             let slot = spare.slot;
             drop(spare);
-            self.release_slot(slot);
             trimmed += 1;
+            self.counters.trimmed += 1;
+            self.release_slot(slot);
         }
-        self.counters.trimmed += trimmed;
         trimmed
     }
 

@@ -65,8 +65,8 @@ impl Spare {
     }
 
     /// Has `manager` told (`SpareReadable`) when the socket becomes readable: at once, by
-    /// message, if it already is. After a wake-up that [`probe`] found `Quiet`, call
-    /// [`Spare::forget_readiness`] first, or the stale readiness would wake it again.
+    /// message, if it already is. After a wake-up, look with [`Spare::probe_after_wake`] before
+    /// watching again: it clears the stale readiness that would otherwise wake it at once.
     pub fn watch(&self, manager: &ActorRef<ManagerMsg>) {
         let alarm = Arc::new(ReadableAlarm { manager: manager.clone(), spare: self.id });
         let waker = Waker::from(alarm);
@@ -83,12 +83,18 @@ impl Spare {
         }
     }
 
-    /// Clears tokio's cached readiness after a wake-up that found nothing to read, so the next
-    /// [`Spare::watch`] waits for a new event.
-    pub fn forget_readiness(&self) {
-        let _ = self
-            .stream
-            .try_io(Interest::READABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+    /// Looks at the socket after a wake-up. Only when nothing is there is tokio's cached
+    /// readiness cleared (so the next [`Spare::watch`] waits for a new event), and only the
+    /// readiness seen *before* looking: `try_io` keeps an event that arrives while the probe
+    /// runs. Clearing after a separate probe could swallow a greeting or FIN that landed in
+    /// between, and a greeting handed out with its readiness cleared would never wake the relay.
+    pub fn probe_after_wake(&self) -> Probe {
+        let looked = self.stream.try_io(Interest::READABLE, || match probe(&self.stream) {
+            Probe::Quiet => Err(io::ErrorKind::WouldBlock.into()),
+            seen => Ok(seen),
+        });
+        // WouldBlock: quiet (readiness cleared), or not marked ready at all (a stale wake).
+        looked.unwrap_or(Probe::Quiet)
     }
 }
 
