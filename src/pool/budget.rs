@@ -29,6 +29,7 @@ pub struct BudgetArgs {
     pub stats: Arc<watch::Sender<BudgetStats>>,
 }
 
+#[derive(Clone, Copy)]
 enum SlotState {
     Reserved,
     /// Kept by its manager for a session that took its spare (see the module docs).
@@ -125,28 +126,16 @@ impl BudgetState {
         };
         match victim {
             Some(slot_id) => {
-                if let Some(slot) = self.slots.get_mut(&slot_id) {
-                    match slot.state {
-                        SlotState::Lent => {
-                            self.lent.remove(&slot_id);
-                            self.stats.lent -= 1;
-                            self.stats.lent_reclaimed += 1;
-                        }
-                        SlotState::Pooled(seq) => {
-                            self.pooled_order.remove(&seq);
-                            self.stats.pooled -= 1;
-                            self.stats.evictions += 1;
-                        }
-                        SlotState::Reserved | SlotState::Evicting => {}
-                    }
-                    slot.state = SlotState::Evicting;
-                    self.stats.evicting += 1;
-                    // The manager closes the spare (or gives the lent slot back) and releases.
-                    if slot.owner.cast(ManagerMsg::Evict { slot: slot_id }).is_err() {
-                        // Its manager is gone; the slot is free right away.
-                        self.slots.remove(&slot_id);
-                        self.stats.evicting -= 1;
-                    }
+                match self.set_state(slot_id, SlotState::Evicting) {
+                    Some(SlotState::Lent) => self.stats.lent_reclaimed += 1,
+                    Some(SlotState::Pooled(_)) => self.stats.evictions += 1,
+                    _ => {}
+                }
+                // The manager closes the spare (or gives the lent slot back) and releases.
+                let evict = ManagerMsg::Evict { slot: slot_id };
+                if self.slots.get(&slot_id).is_some_and(|slot| slot.owner.cast(evict).is_err()) {
+                    // Its manager is gone; the slot is free right away.
+                    self.release(slot_id);
                 }
                 self.waiters.push_back((owner, tag));
                 self.grant_waiters();
@@ -163,7 +152,7 @@ impl BudgetState {
         self.next_slot += 1;
         if owner.cast(ManagerMsg::SlotGranted { tag, slot }).is_ok() {
             self.slots.insert(slot, Slot { owner, state: SlotState::Reserved });
-            self.stats.reserved += 1;
+            self.count(slot, SlotState::Reserved);
             self.stats.granted += 1;
             self.stats.high_water = self.stats.high_water.max(self.slots.len());
         }
@@ -180,69 +169,80 @@ impl BudgetState {
     }
 
     fn pooled(&mut self, slot_id: SlotId) {
-        if let Some(slot) = self.slots.get_mut(&slot_id) {
-            match slot.state {
-                SlotState::Reserved => self.stats.reserved -= 1,
-                SlotState::Lent => {
-                    self.lent.remove(&slot_id);
-                    self.stats.lent -= 1;
-                }
-                // Being taken back: its manager will find the spare and evict it.
-                SlotState::Evicting => return,
-                // Pooled twice: a bug elsewhere, but never count it twice here.
-                SlotState::Pooled(_) => return,
-            }
+        // Anything else stays as it is: being taken back (its manager will find the spare and
+        // evict it), or pooled twice (a bug elsewhere, but never count it twice here).
+        let state = self.slots.get(&slot_id).map(|slot| slot.state);
+        if let Some(SlotState::Reserved | SlotState::Lent) = state {
             let seq = self.next_seq;
             self.next_seq += 1;
-            slot.state = SlotState::Pooled(seq);
-            self.pooled_order.insert(seq, slot_id);
-            self.stats.pooled += 1;
+            self.set_state(slot_id, SlotState::Pooled(seq));
         }
     }
 
     /// A lent slot now carries a background dial.
     fn claimed(&mut self, slot_id: SlotId) {
-        if let Some(slot) = self.slots.get_mut(&slot_id) {
-            // Being taken back: its manager closes the dial's connection when it arrives.
-            if matches!(slot.state, SlotState::Lent) {
-                self.lent.remove(&slot_id);
-                self.stats.lent -= 1;
-                slot.state = SlotState::Reserved;
-                self.stats.reserved += 1;
-            }
+        // Anything but lent (being taken back: its manager closes the dial's connection when
+        // it arrives) stays as it is.
+        if matches!(self.slots.get(&slot_id).map(|slot| slot.state), Some(SlotState::Lent)) {
+            self.set_state(slot_id, SlotState::Reserved);
         }
     }
 
     /// A pooled slot's spare was handed out; its manager keeps the slot for the session.
     fn lent(&mut self, slot_id: SlotId) {
-        if let Some(slot) = self.slots.get_mut(&slot_id) {
-            // Anything but pooled (being evicted, most likely) stays as it is.
-            if let SlotState::Pooled(seq) = slot.state {
-                self.pooled_order.remove(&seq);
-                self.stats.pooled -= 1;
-                slot.state = SlotState::Lent;
-                self.lent.insert(slot_id);
-                self.stats.lent += 1;
-            }
+        // Anything but pooled (being evicted, most likely) stays as it is.
+        if matches!(self.slots.get(&slot_id).map(|slot| slot.state), Some(SlotState::Pooled(_))) {
+            self.set_state(slot_id, SlotState::Lent);
         }
     }
 
     fn release(&mut self, slot_id: SlotId) {
         if let Some(slot) = self.slots.remove(&slot_id) {
-            match slot.state {
-                SlotState::Reserved => self.stats.reserved -= 1,
-                SlotState::Lent => {
-                    self.lent.remove(&slot_id);
-                    self.stats.lent -= 1;
-                }
-                SlotState::Pooled(seq) => {
-                    self.pooled_order.remove(&seq);
-                    self.stats.pooled -= 1;
-                }
-                SlotState::Evicting => self.stats.evicting -= 1,
-            }
+            self.uncount(slot_id, slot.state);
         }
         self.grant_waiters();
+    }
+
+    /// Moves a slot to `to`, keeping the indexes and running counts in step; returns the state
+    /// it left (`None`: no such slot).
+    fn set_state(&mut self, slot_id: SlotId, to: SlotState) -> Option<SlotState> {
+        let slot = self.slots.get_mut(&slot_id)?;
+        let from = std::mem::replace(&mut slot.state, to);
+        self.uncount(slot_id, from);
+        self.count(slot_id, to);
+        Some(from)
+    }
+
+    /// Index and count a slot entering `state`.
+    fn count(&mut self, slot_id: SlotId, state: SlotState) {
+        match state {
+            SlotState::Reserved => self.stats.reserved += 1,
+            SlotState::Lent => {
+                self.lent.insert(slot_id);
+                self.stats.lent += 1;
+            }
+            SlotState::Pooled(seq) => {
+                self.pooled_order.insert(seq, slot_id);
+                self.stats.pooled += 1;
+            }
+            SlotState::Evicting => self.stats.evicting += 1,
+        }
+    }
+
+    /// Undo [`BudgetState::count`] for a slot leaving `state`.
+    fn uncount(&mut self, slot_id: SlotId, state: SlotState) {
+        match state {
+            SlotState::Reserved => self.stats.reserved -= 1,
+            SlotState::Lent => {
+                self.lent.remove(&slot_id);
+                self.stats.lent -= 1;
+            }
+            SlotState::Pooled(seq) => {
+                self.pooled_order.remove(&seq);
+                self.stats.pooled -= 1;
+            }
+            SlotState::Evicting => self.stats.evicting -= 1,
+        }
     }
 
     fn release_owner(&mut self, owner: ActorId) {
