@@ -8,4 +8,6 @@ pub mod server;
 pub mod socks;
 pub mod stats;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod upstream;

@@ -125,15 +125,8 @@ pub fn probe(stream: &TcpStream) -> Probe {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::tcp_pair as pair;
     use tokio::io::AsyncWriteExt;
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (client.unwrap(), accepted.unwrap().0)
-    }
 
     #[tokio::test]
     async fn probe_tells_quiet_greeting_and_closed_apart() {

@@ -142,15 +142,8 @@ mod splice {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::tcp_pair as pair;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpListener;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (near, far) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (near.unwrap(), far.unwrap().0)
-    }
 
     /// A payload far larger than the buffer takes the splice path; small writes the buffer
     /// path; both must arrive intact and in order, and each EOF must be passed on.
