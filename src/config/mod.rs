@@ -1,0 +1,192 @@
+//! The TOML configuration, laid out like RustSocks' so its users can bring their files.
+//!
+//! Parsing is strict (`deny_unknown_fields`: a typo is an error, not a silently ignored key),
+//! every default is a named constant, and [`Config::validate`] checks what types cannot.
+
+mod access;
+mod auth;
+mod server;
+mod sessions;
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use access::{AccessConfig, PortRange, RuleAction, RuleConfig};
+pub use auth::*;
+pub use server::*;
+pub use sessions::*;
+
+/// The commented example shipped in `config/`, also what `poolsocks` runs on with no arguments.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/poolsocks.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config{}: {message}", origin_suffix(.origin))]
+    Parse { origin: Option<PathBuf>, message: String },
+    #[error("invalid config{}{}: `{key}` {problem}", origin_suffix(.origin), line_suffix(.line))]
+    Invalid { origin: Option<PathBuf>, line: Option<usize>, key: &'static str, problem: String },
+}
+
+fn origin_suffix(origin: &Option<PathBuf>) -> String {
+    origin.as_ref().map(|p| format!(" {}", p.display())).unwrap_or_default()
+}
+
+fn line_suffix(line: &Option<usize>) -> String {
+    line.map(|n| format!(", line {n}")).unwrap_or_default()
+}
+
+pub(crate) fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { origin: None, line: None, key, problem: problem.into() }
+}
+
+/// The 1-based line where `key`'s last segment is assigned, if it is assigned exactly once.
+/// Good enough to point an operator at the line; the key name is always in the message anyway.
+fn line_of_key(text: &str, key: &str) -> Option<usize> {
+    let leaf = key.rsplit('.').next()?;
+    let mut lines = text.lines().enumerate().filter(|(_, line)| {
+        line.trim_start().strip_prefix(leaf).is_some_and(|rest| rest.trim_start().starts_with('='))
+    });
+    match (lines.next(), lines.next()) {
+        (Some((index, _)), None) => Some(index + 1),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub auth: AuthConfig,
+    pub access: AccessConfig,
+    pub sessions: SessionsConfig,
+    pub telemetry: TelemetryConfig,
+    pub logging: LoggingConfig,
+}
+
+impl Config {
+    /// Parses and validates a TOML document. `origin` names the file in error messages.
+    pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<Self, ConfigError> {
+        // toml's message already names the line, the column and the offending key.
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.map(Path::to_path_buf),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { key, problem, .. } => ConfigError::Invalid {
+                origin: origin.map(Path::to_path_buf),
+                line: line_of_key(text, key),
+                key,
+                problem,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Self::from_toml(&text, Some(path))
+    }
+
+    /// The embedded default configuration.
+    pub fn embedded_default() -> Result<Self, ConfigError> {
+        Self::from_toml(DEFAULT_CONFIG_TOML, None)
+    }
+
+    /// Checks the relations between keys that their types cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let server = &self.server;
+        if server.max_connections == 0 {
+            return Err(invalid("server.max_connections", "must be at least 1"));
+        }
+        if server.handshake_timeout_ms == 0 {
+            return Err(invalid("server.handshake_timeout_ms", "must be greater than 0"));
+        }
+        let pool = &server.pool;
+        if pool.connect_timeout_ms == 0 {
+            return Err(invalid("server.pool.connect_timeout_ms", "must be greater than 0"));
+        }
+        if pool.idle_timeout_secs == 0 {
+            return Err(invalid("server.pool.idle_timeout_secs", "must be greater than 0"));
+        }
+        if pool.max_idle_per_dest > pool.max_total_idle {
+            return Err(invalid(
+                "server.pool.max_idle_per_dest",
+                format!(
+                    "({}) must not exceed server.pool.max_total_idle ({})",
+                    pool.max_idle_per_dest, pool.max_total_idle
+                ),
+            ));
+        }
+        if pool.enabled && pool.max_idle_per_dest == 0 {
+            return Err(invalid(
+                "server.pool.max_idle_per_dest",
+                "must be at least 1 when the pool is enabled",
+            ));
+        }
+        self.validate_auth()?;
+        self.validate_access()?;
+        if !server.bind_address.is_loopback()
+            && self.auth.method() == SocksMethod::None
+            && !server.allow_open_proxy
+        {
+            return Err(invalid(
+                "server.bind_address",
+                format!(
+                    "is {} (not loopback) with no authentication: anyone who can reach it could \
+                     relay through this proxy. Add [[auth.users]], listen on 127.0.0.1, or set \
+                     server.allow_open_proxy = true if an open proxy is really intended",
+                    server.bind_address
+                ),
+            ));
+        }
+        if self.telemetry.enabled && self.telemetry.max_events == 0 {
+            return Err(invalid(
+                "telemetry.max_events",
+                "must be at least 1 when telemetry is enabled",
+            ));
+        }
+        if self.sessions.stats_api_enabled
+            && self.sessions.stats_api_addr() == server.bind_addr()
+            && server.bind_port != 0
+        {
+            return Err(invalid(
+                "sessions.stats_api_port",
+                format!("({}) is the SOCKS listener's own address", self.sessions.stats_api_port),
+            ));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
+            return Err(invalid(
+                "logging.level",
+                format!("{:?} is not a level or filter: {e}", self.logging.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_to_the_named_defaults() {
+        let config = Config::embedded_default().expect("embedded default config is valid");
+        assert_eq!(config, Config::default());
+        assert_eq!(config.server.bind_addr(), "127.0.0.1:1080".parse().unwrap());
+    }
+
+    #[test]
+    fn auth_method_follows_users_when_unset() {
+        let config = Config::from_toml(
+            "[[auth.users]]\nusername = \"alice\"\npassword = \"secret\"\n",
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.auth.method(), SocksMethod::Userpass);
+    }
+}
