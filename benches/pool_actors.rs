@@ -80,7 +80,7 @@ impl Rig {
                 refill: RefillMode::Off,
                 ..PoolOptions::from_config(&config)
             };
-            let pool = Pool::spawn(options, Arc::new(TcpDialer), Telemetry::disabled())
+            let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled())
                 .await
                 .expect("spawn the pool");
             // Fill: open the spares as misses, then hand them all back untouched.

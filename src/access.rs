@@ -3,14 +3,26 @@
 //! Destination rules are checked twice. Before any DNS lookup, on the name the client gave
 //! (so a denied name is never even resolved), as far as rules can decide without an address;
 //! then at dial time on every resolved address, so a name cannot smuggle a connection to a
-//! denied network (the stats endpoint's own address, say).
+//! denied network (the stats endpoint's own address, say). The dialer checks the connected
+//! peer once more before the client is told it succeeded.
+//!
+//! One rule is built in, before any configured one: no connection to an unspecified address
+//! (`0.0.0.0/8`, `::`, and their IPv4-mapped forms). Linux delivers a connect to `0.0.0.0` or
+//! `::` to the local host, so such an address would reach loopback services past a rule that
+//! denies `127.0.0.0/8`; no real destination has one.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
 use crate::config::{AccessConfig, PortRange, RuleAction, RuleConfig};
 use crate::socks::TargetAddr;
+
+/// The rules in force, swapped whole when the config is reloaded; every check takes the
+/// current snapshot without a lock.
+pub type SharedPolicy = Arc<ArcSwap<AccessPolicy>>;
 
 #[derive(Debug, Clone, Default)]
 pub struct AccessPolicy {
@@ -90,6 +102,14 @@ fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
+/// "This host" rather than a destination: `0.0.0.0/8` (RFC 1122), `::`, and mapped forms.
+pub fn is_unspecified(addr: IpAddr) -> bool {
+    match canonical(addr) {
+        IpAddr::V4(v4) => v4.octets()[0] == 0,
+        IpAddr::V6(v6) => v6.is_unspecified(),
+    }
+}
+
 impl AccessPolicy {
     pub fn from_config(config: &AccessConfig) -> Self {
         AccessPolicy {
@@ -110,6 +130,11 @@ impl AccessPolicy {
         Self::ALLOW_ALL
     }
 
+    /// This policy as the shared, swappable handle the server and its dialer hold.
+    pub fn shared(self) -> SharedPolicy {
+        Arc::new(ArcSwap::from_pointee(self))
+    }
+
     pub fn client_allowed(&self, client: IpAddr) -> bool {
         self.client_networks.is_empty()
             || self.client_networks.iter().any(|net| net.contains(&canonical(client)))
@@ -122,6 +147,9 @@ impl AccessPolicy {
             TargetAddr::Ip(addr) => (None, Some(addr.ip())),
             TargetAddr::Domain(name, _) => (Some(name.as_str()), None),
         };
+        if addr.is_some_and(is_unspecified) {
+            return false;
+        }
         for rule in &self.rules {
             match rule.judge(name, addr, target.port()) {
                 Verdict::Matches => return rule.action == RuleAction::Allow,
@@ -134,6 +162,9 @@ impl AccessPolicy {
 
     /// The check at dial time, on one resolved (or literal) address of `target`.
     pub fn may_connect(&self, target: &TargetAddr, addr: IpAddr) -> bool {
+        if is_unspecified(addr) {
+            return false;
+        }
         let name = match target {
             TargetAddr::Domain(name, _) => Some(name.as_str()),
             TargetAddr::Ip(_) => None,
@@ -195,6 +226,19 @@ mod tests {
         assert!(p.may_connect(&target, "192.0.2.7".parse().expect("ip")));
         let literal = TargetAddr::Ip("127.0.0.1:9090".parse().expect("addr"));
         assert!(!p.may_reach(&literal), "a literal address is judged at once");
+    }
+
+    #[test]
+    fn unspecified_addresses_are_denied_whatever_the_rules_say() {
+        let open = AccessPolicy::allow_all();
+        let named = domain("zero.example", 9090);
+        for addr in ["0.0.0.0", "0.1.2.3", "::", "::ffff:0.0.0.0"] {
+            let ip: IpAddr = addr.parse().expect("ip");
+            assert!(!open.may_connect(&named, ip), "{addr} must be refused");
+            let literal = TargetAddr::Ip(std::net::SocketAddr::new(ip, 9090));
+            assert!(!open.may_reach(&literal), "{addr} literal must be refused before dialing");
+        }
+        assert!(open.may_connect(&named, "192.0.2.7".parse().expect("ip")));
     }
 
     #[test]

@@ -2,7 +2,9 @@
 
 pub mod access;
 pub mod config;
+pub mod logsafe;
 pub mod pool;
+pub mod resolve;
 pub mod secret;
 pub mod server;
 pub mod socks;

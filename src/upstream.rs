@@ -13,8 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
-use crate::access::AccessPolicy;
+use crate::access::{AccessPolicy, SharedPolicy};
+use crate::resolve::{ResolveError, Resolver, StaticResolver};
 use crate::socks::{ReplyCode, TargetAddr};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -22,12 +24,14 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// Why an upstream connection could not be had; each cause maps to a SOCKS reply code.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("could not resolve {host}: {source}")]
-    Resolve { host: String, source: io::Error },
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     #[error("{host} resolved to no address")]
     NoAddress { host: String },
     #[error("connect to {addr} timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },
+    #[error("connecting to {target} took longer than the connect phase allows ({timeout:?})")]
+    PhaseTimeout { target: TargetAddr, timeout: Duration },
     #[error("connect to {addr} failed: {source}")]
     Io { addr: SocketAddr, source: io::Error },
     #[error("destination {0} is not allowed")]
@@ -37,10 +41,10 @@ pub enum ConnectError {
 impl ConnectError {
     pub fn reply_code(&self) -> ReplyCode {
         match self {
-            ConnectError::Resolve { .. } | ConnectError::NoAddress { .. } => {
-                ReplyCode::HostUnreachable
+            ConnectError::Resolve(_) | ConnectError::NoAddress { .. } => ReplyCode::HostUnreachable,
+            ConnectError::Timeout { .. } | ConnectError::PhaseTimeout { .. } => {
+                ReplyCode::TtlExpired
             }
-            ConnectError::Timeout { .. } => ReplyCode::TtlExpired,
             ConnectError::NotAllowed(_) => ReplyCode::NotAllowed,
             ConnectError::Io { source, .. } => match source.kind() {
                 io::ErrorKind::ConnectionRefused => ReplyCode::ConnectionRefused,
@@ -54,20 +58,42 @@ impl ConnectError {
     }
 }
 
+/// How long a dial may take: each address, and all of them together (resolution included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DialLimits {
+    pub per_address: Duration,
+    pub overall: Duration,
+}
+
+impl DialLimits {
+    /// One bound for both (harnesses, single-address destinations).
+    pub fn uniform(timeout: Duration) -> Self {
+        DialLimits { per_address: timeout, overall: timeout }
+    }
+}
+
 /// Resolves `target` (if it is a name) and tries each address `access` allows in turn, each
-/// under `timeout`. The last failure is reported. The stream has `TCP_NODELAY` set.
+/// under `limits.per_address` and all within `limits.overall`. The last failure is reported.
+///
+/// Rules judge where a connection really went: before connecting, on each resolved address,
+/// and after, on the connection's peer (so nothing the kernel reroutes, such as `0.0.0.0`
+/// delivered to loopback, escapes them). The stream has `TCP_NODELAY` set.
 pub async fn dial(
     target: &TargetAddr,
-    timeout: Duration,
+    limits: DialLimits,
+    resolver: &dyn Resolver,
     access: &AccessPolicy,
 ) -> Result<TcpStream, ConnectError> {
+    let deadline = Instant::now() + limits.overall;
+    let phase_timeout =
+        || ConnectError::PhaseTimeout { target: target.clone(), timeout: limits.overall };
     let resolved: Vec<SocketAddr> = match target {
         TargetAddr::Ip(addr) => vec![*addr],
         TargetAddr::Domain(host, port) => {
-            let resolved = tokio::net::lookup_host((host.as_str(), *port))
-                .await
-                .map_err(|source| ConnectError::Resolve { host: host.clone(), source })?;
-            resolved.collect()
+            match tokio::time::timeout_at(deadline, resolver.lookup(host, *port)).await {
+                Ok(found) => found?,
+                Err(_) => return Err(phase_timeout()),
+            }
         }
     };
     let allowed: Vec<SocketAddr> =
@@ -77,13 +103,24 @@ pub async fn dial(
     }
     let mut last_error = None;
     for addr in allowed {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(phase_timeout());
+        }
+        let timeout = limits.per_address.min(deadline - now);
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => {
-                // Request/response traffic must not wait on Nagle + delayed ACK.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
+            Ok(Ok(stream)) => match stream.peer_addr() {
+                Ok(peer) if access.may_connect(target, peer.ip()) => {
+                    // Request/response traffic must not wait on Nagle + delayed ACK.
+                    let _ = stream.set_nodelay(true);
+                    return Ok(stream);
+                }
+                Ok(_) => return Err(ConnectError::NotAllowed(target.clone())),
+                // Reset between connect and now: as good as refused.
+                Err(source) => last_error = Some(ConnectError::Io { addr, source }),
+            },
             Ok(Err(source)) => last_error = Some(ConnectError::Io { addr, source }),
+            Err(_) if timeout < limits.per_address => return Err(phase_timeout()),
             Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),
         }
     }
@@ -95,33 +132,63 @@ pub trait Dialer: Send + Sync + 'static {
     fn dial(
         &self,
         target: TargetAddr,
-        timeout: Duration,
+        limits: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>>;
+
+    /// Whether a connection this dialer made earlier, now connected to `peer`, may still be
+    /// handed to a client for `target` (the rules may have changed since it was dialed).
+    fn still_allowed(&self, _target: &TargetAddr, _peer: SocketAddr) -> bool {
+        true
+    }
 }
 
-/// The real dialer: DNS resolution and `connect(2)`, with no access rules.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TcpDialer;
+/// The real dialer with no access rules, for harnesses. Names go to its resolver, which by
+/// default knows only `localhost` (a harness never asks the machine's DNS server by accident).
+#[derive(Clone)]
+pub struct TcpDialer {
+    resolver: Arc<dyn Resolver>,
+}
+
+impl TcpDialer {
+    pub fn new() -> Self {
+        Self::with_resolver(Arc::new(StaticResolver::new()))
+    }
+
+    pub fn with_resolver(resolver: Arc<dyn Resolver>) -> Self {
+        TcpDialer { resolver }
+    }
+}
+
+impl Default for TcpDialer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Dialer for TcpDialer {
     fn dial(
         &self,
         target: TargetAddr,
-        timeout: Duration,
+        limits: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
-        Box::pin(async move { dial(&target, timeout, &AccessPolicy::ALLOW_ALL).await })
+        let resolver = self.resolver.clone();
+        Box::pin(
+            async move { dial(&target, limits, resolver.as_ref(), &AccessPolicy::ALLOW_ALL).await },
+        )
     }
 }
 
-/// The real dialer, refusing any resolved address the access rules deny.
-#[derive(Debug, Clone)]
+/// The daemon's dialer: resolution through its resolver, every address and every connected
+/// peer checked against the access rules in force at that moment.
+#[derive(Clone)]
 pub struct PolicyDialer {
-    access: Arc<AccessPolicy>,
+    access: SharedPolicy,
+    resolver: Arc<dyn Resolver>,
 }
 
 impl PolicyDialer {
-    pub fn new(access: Arc<AccessPolicy>) -> Self {
-        PolicyDialer { access }
+    pub fn new(access: SharedPolicy, resolver: Arc<dyn Resolver>) -> Self {
+        PolicyDialer { access, resolver }
     }
 }
 
@@ -129,10 +196,18 @@ impl Dialer for PolicyDialer {
     fn dial(
         &self,
         target: TargetAddr,
-        timeout: Duration,
+        limits: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         let access = self.access.clone();
-        Box::pin(async move { dial(&target, timeout, &access).await })
+        let resolver = self.resolver.clone();
+        Box::pin(async move {
+            let policy = access.load_full();
+            dial(&target, limits, resolver.as_ref(), &policy).await
+        })
+    }
+
+    fn still_allowed(&self, target: &TargetAddr, peer: SocketAddr) -> bool {
+        self.access.load().may_connect(target, peer.ip())
     }
 }
 
@@ -145,11 +220,19 @@ pub enum Origin {
     Pooled,
 }
 
-/// Told when a session ends. `untouched` is the stream back when not a byte moved either way
-/// (so it is still a spare); `None` means it carried traffic and has been closed.
-/// Implementations must also account for being dropped without `finish` (a panicking handler).
+/// How a lent stream comes back when its session ends.
+pub struct LeaseEnd {
+    /// The stream, when not a byte moved either way and the client is gone (so it is still a
+    /// spare); `None` means it carried traffic or failed, and has been closed.
+    pub untouched: Option<TcpStream>,
+    /// Whether the client got a success reply on it: a pool counts a hit only then.
+    pub served: bool,
+}
+
+/// Told when a session ends. Implementations must also account for being dropped without
+/// `finish` (a panicking handler).
 pub trait Lease: Send {
-    fn finish(self: Box<Self>, untouched: Option<TcpStream>);
+    fn finish(self: Box<Self>, end: LeaseEnd);
 }
 
 /// An upstream stream lent to one client session.
@@ -173,11 +256,24 @@ impl Upstream {
         self.lease.is_some()
     }
 
-    /// Ends the session. `untouched` says whether the stream is still unused and intact.
+    /// Ends a session that was served on it (the client got its success reply). `untouched`
+    /// says whether the stream is still unused and intact, and its client gone, so it may be
+    /// a spare again.
     pub fn finish(self, untouched: bool) {
+        self.end(untouched, true);
+    }
+
+    /// Ends it without the session having been served (the client left before its reply).
+    pub fn finish_unserved(self, untouched: bool) {
+        self.end(untouched, false);
+    }
+
+    fn end(self, untouched: bool, served: bool) {
         let Upstream { stream, lease, .. } = self;
         match lease {
-            Some(lease) => lease.finish(untouched.then_some(stream)),
+            Some(lease) => {
+                lease.finish(LeaseEnd { untouched: untouched.then_some(stream), served })
+            }
             None => drop(stream),
         }
     }
@@ -195,16 +291,16 @@ pub trait Connector: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct DirectConnector {
     dialer: Arc<dyn Dialer>,
-    connect_timeout: Duration,
+    limits: DialLimits,
 }
 
 impl DirectConnector {
-    pub fn new(connect_timeout: Duration) -> Self {
-        Self::with_dialer(Arc::new(TcpDialer), connect_timeout)
+    pub fn new(limits: DialLimits) -> Self {
+        Self::with_dialer(Arc::new(TcpDialer::new()), limits)
     }
 
-    pub fn with_dialer(dialer: Arc<dyn Dialer>, connect_timeout: Duration) -> Self {
-        DirectConnector { dialer, connect_timeout }
+    pub fn with_dialer(dialer: Arc<dyn Dialer>, limits: DialLimits) -> Self {
+        DirectConnector { dialer, limits }
     }
 }
 
@@ -214,7 +310,7 @@ impl Connector for DirectConnector {
         target: &'a TargetAddr,
     ) -> BoxFuture<'a, Result<Upstream, ConnectError>> {
         Box::pin(async move {
-            let stream = self.dialer.dial(target.clone(), self.connect_timeout).await?;
+            let stream = self.dialer.dial(target.clone(), self.limits).await?;
             Ok(Upstream::dialed(stream))
         })
     }

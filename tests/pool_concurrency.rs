@@ -124,7 +124,8 @@ async fn five_hundred_concurrent_handlers_keep_the_counters_exact() {
         janitor_period: Some(Duration::from_secs(1)),
         ..PoolOptions::default()
     };
-    let pool = Pool::spawn(options, Arc::new(TcpDialer), Telemetry::disabled()).await.unwrap();
+    let pool =
+        Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled()).await.unwrap();
 
     // Sample the limits while it runs, from the actors' own published states.
     let mut budget = pool.watch_budget().await.unwrap();

@@ -13,7 +13,7 @@ use poolsocks::pool::{category, Fault, ManagerMsg, Pool, PoolOptions, RefillMode
 use poolsocks::socks::TargetAddr;
 use poolsocks::telemetry::{EventQuery, Severity, Telemetry};
 use poolsocks::upstream::{
-    BoxFuture, ConnectError, Connector, Dialer, Origin, TcpDialer, Upstream,
+    BoxFuture, ConnectError, Connector, DialLimits, Dialer, Origin, TcpDialer, Upstream,
 };
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -189,13 +189,13 @@ impl Dialer for ScriptedDialer {
     fn dial(
         &self,
         target: TargetAddr,
-        timeout: Duration,
+        timeout: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let mode = self.mode.load(Ordering::SeqCst);
         Box::pin(async move {
             match mode {
-                PASS => TcpDialer.dial(target, timeout).await,
+                PASS => TcpDialer::new().dial(target, timeout).await,
                 FAIL => Err(ConnectError::Io {
                     addr: "127.0.0.1:9".parse().unwrap(),
                     source: std::io::ErrorKind::ConnectionRefused.into(),
@@ -223,7 +223,7 @@ fn options() -> PoolOptions {
 }
 
 async fn spawn(options: PoolOptions) -> (Pool, Telemetry) {
-    spawn_with(options, Arc::new(TcpDialer)).await
+    spawn_with(options, Arc::new(TcpDialer::new())).await
 }
 
 async fn spawn_with(options: PoolOptions, dialer: Arc<dyn Dialer>) -> (Pool, Telemetry) {
@@ -999,12 +999,12 @@ impl Dialer for DistantDialer {
     fn dial(
         &self,
         target: TargetAddr,
-        timeout: Duration,
+        timeout: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         let delay = self.delay;
         Box::pin(async move {
             tokio::time::sleep(delay).await;
-            TcpDialer.dial(target, timeout).await
+            TcpDialer::new().dial(target, timeout).await
         })
     }
 }

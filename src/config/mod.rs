@@ -106,6 +106,15 @@ impl Config {
         if server.handshake_timeout_ms == 0 {
             return Err(invalid("server.handshake_timeout_ms", "must be greater than 0"));
         }
+        if server.session_idle_timeout_secs == 0 {
+            return Err(invalid("server.session_idle_timeout_secs", "must be greater than 0"));
+        }
+        if server.connect_phase_timeout_ms == 0 {
+            return Err(invalid("server.connect_phase_timeout_ms", "must be greater than 0"));
+        }
+        if server.dns.timeout_ms == 0 {
+            return Err(invalid("server.dns.timeout_ms", "must be greater than 0"));
+        }
         let pool = &server.pool;
         if pool.connect_timeout_ms == 0 {
             return Err(invalid("server.pool.connect_timeout_ms", "must be greater than 0"));

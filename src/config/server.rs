@@ -3,13 +3,26 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::Deserialize;
+
+use super::PortRange;
 
 pub const DEFAULT_BIND_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 pub const DEFAULT_BIND_PORT: u16 = 1080;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// Envoy's TCP proxy default (1 hour): long enough for any interactive session that is only
+/// quiet (an ssh shell, a database connection between queries), short enough that a session
+/// whose peers both vanished without a FIN or RST gives its slot back the same hour.
+pub const DEFAULT_SESSION_IDLE_TIMEOUT_SECS: u64 = 3_600;
+/// Twice the per-address connect timeout: a name with several dead addresses gets two full
+/// tries, and a client never waits longer than this for its reply, whatever DNS returned.
+pub const DEFAULT_CONNECT_PHASE_TIMEOUT_MS: u64 = 10_000;
+
+pub const DEFAULT_DNS_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_DNS_CACHE_MAX_TTL_SECS: u64 = 60;
 
 pub const DEFAULT_POOL_ENABLED: bool = false;
 pub const DEFAULT_MAX_IDLE_PER_DEST: usize = 4;
@@ -30,6 +43,11 @@ pub struct ServerConfig {
     pub shutdown_grace_secs: u64,
     /// Listening beyond loopback without authentication makes an open proxy; it must be asked for.
     pub allow_open_proxy: bool,
+    /// A session in which no byte moved either way for this long is closed.
+    pub session_idle_timeout_secs: u64,
+    /// Limit on the whole connect phase of a CONNECT: resolution and every address tried.
+    pub connect_phase_timeout_ms: u64,
+    pub dns: DnsConfig,
     pub pool: PoolConfig,
 }
 
@@ -42,6 +60,9 @@ impl Default for ServerConfig {
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
             allow_open_proxy: false,
+            session_idle_timeout_secs: DEFAULT_SESSION_IDLE_TIMEOUT_SECS,
+            connect_phase_timeout_ms: DEFAULT_CONNECT_PHASE_TIMEOUT_MS,
+            dns: DnsConfig::default(),
             pool: PoolConfig::default(),
         }
     }
@@ -54,6 +75,14 @@ impl ServerConfig {
 
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    pub fn session_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.session_idle_timeout_secs)
+    }
+
+    pub fn connect_phase_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_phase_timeout_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -74,6 +103,11 @@ pub struct PoolConfig {
     pub idle_timeout_secs: u64,
     /// Limit on each connect attempt, pooled or not.
     pub connect_timeout_ms: u64,
+    /// Destination ports that never get spares (`22`, `"3306"`, `"5432-5433"`): servers that
+    /// log or limit unauthenticated connections (databases, ssh).
+    pub exclude_ports: Vec<PortRange>,
+    /// Destination networks that never get spares.
+    pub exclude_networks: Vec<IpNet>,
 }
 
 impl Default for PoolConfig {
@@ -84,6 +118,8 @@ impl Default for PoolConfig {
             max_total_idle: DEFAULT_MAX_TOTAL_IDLE,
             idle_timeout_secs: DEFAULT_IDLE_TIMEOUT_SECS,
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
+            exclude_ports: Vec::new(),
+            exclude_networks: Vec::new(),
         }
     }
 }
@@ -95,5 +131,38 @@ impl PoolConfig {
 
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
+    }
+}
+
+/// `[server.dns]`: how destination names are resolved (see `crate::resolve`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Name servers (`"192.0.2.53:53"`); empty uses the system's (`/etc/resolv.conf`).
+    /// `/etc/hosts` is read first either way.
+    pub servers: Vec<SocketAddr>,
+    /// A lookup that takes longer fails (reply `0x04`).
+    pub timeout_ms: u64,
+    /// Answers are cached for their TTL, but at most this long.
+    pub cache_max_ttl_secs: u64,
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            servers: Vec::new(),
+            timeout_ms: DEFAULT_DNS_TIMEOUT_MS,
+            cache_max_ttl_secs: DEFAULT_DNS_CACHE_MAX_TTL_SECS,
+        }
+    }
+}
+
+impl DnsConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    pub fn cache_max_ttl(&self) -> Duration {
+        Duration::from_secs(self.cache_max_ttl_secs)
     }
 }

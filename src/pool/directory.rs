@@ -381,6 +381,7 @@ impl DirectoryState {
                 .await;
             let Ok(ractor::rpc::CallResult::Success(ManagerSweep {
                 expired,
+                retired,
                 trimmed,
                 cold,
                 stats,
@@ -390,6 +391,7 @@ impl DirectoryState {
                 continue;
             };
             report.expired += expired;
+            report.retired += retired;
             report.trimmed += trimmed;
             if cold {
                 // Removed before it stops, so its termination is not taken for a failure, and

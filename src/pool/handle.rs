@@ -16,7 +16,7 @@ use super::options::PoolOptions;
 use super::stats::{BudgetStats, DestStats, PoolStats};
 use crate::socks::TargetAddr;
 use crate::telemetry::Telemetry;
-use crate::upstream::{BoxFuture, ConnectError, Connector, Dialer, Origin, Upstream};
+use crate::upstream::{BoxFuture, ConnectError, Connector, DialLimits, Dialer, Origin, Upstream};
 
 /// Why the pool could not do what a harness asked.
 #[derive(Debug, thiserror::Error)]
@@ -180,61 +180,98 @@ impl Pool {
     }
 
     async fn dial(&self, target: &TargetAddr) -> Result<tokio::net::TcpStream, ConnectError> {
-        dial_within(self.dialer.as_ref(), target, self.options.connect_timeout).await
+        dial_within(self.dialer.as_ref(), target, self.options.dial_limits()).await
     }
 }
 
-/// Dials through `dialer`, bounded by `timeout` even if an injected dialer ignores it, so a
-/// client is never stuck and a pending create always ends.
+/// Dials through `dialer`, bounded by `limits.overall` even if an injected dialer ignores it,
+/// so a client is never stuck and a pending create always ends.
 pub(crate) async fn dial_within(
     dialer: &dyn Dialer,
     target: &TargetAddr,
-    timeout: Duration,
+    limits: DialLimits,
 ) -> Result<tokio::net::TcpStream, ConnectError> {
-    match tokio::time::timeout(timeout, dialer.dial(target.clone(), timeout)).await {
+    match tokio::time::timeout(limits.overall, dialer.dial(target.clone(), limits)).await {
         Ok(result) => result,
-        Err(_) => Err(ConnectError::Io {
-            // The dialer never said which address it tried; the port still identifies it.
-            addr: std::net::SocketAddr::from(([0, 0, 0, 0], target.port())),
-            source: std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("dial to {target} did not finish within {timeout:?}"),
-            ),
-        }),
+        Err(_) => {
+            Err(ConnectError::PhaseTimeout { target: target.clone(), timeout: limits.overall })
+        }
+    }
+}
+
+/// Spares one checkout may try and find stale before the client is dialed directly.
+const STALE_SPARES_PER_CHECKOUT: usize = 2;
+
+impl Pool {
+    /// Whether `target` is one the pool keeps no spares for (`exclude_ports`, and
+    /// `exclude_networks` for an address literal; a name's address is judged after its dial).
+    fn excluded(&self, target: &TargetAddr) -> bool {
+        let options = &self.options;
+        options.exclude_ports.iter().any(|range| range.contains(target.port()))
+            || matches!(target, TargetAddr::Ip(addr) if options.excluded_address(addr.ip()))
+    }
+
+    /// A spare about to be handed to a client: still connected (a server's reset between the
+    /// manager's check and now shows as no peer), and to a peer the rules still allow.
+    fn usable(&self, target: &TargetAddr, stream: &tokio::net::TcpStream) -> bool {
+        stream.peer_addr().is_ok_and(|peer| self.dialer.still_allowed(target, peer))
+    }
+
+    /// The caller's own dial after a miss, reported to the manager.
+    async fn dial_for_miss(
+        &self,
+        target: &TargetAddr,
+        mut lease: super::PoolLease,
+    ) -> Result<Upstream, ConnectError> {
+        let started = tokio::time::Instant::now();
+        let dialed = self.dial(target).await;
+        let excluded = dialed.as_ref().is_ok_and(|stream| {
+            stream.peer_addr().is_ok_and(|peer| self.options.excluded_address(peer.ip()))
+        });
+        lease.report_dial(dialed.is_ok(), started.elapsed(), excluded);
+        // On error the lease is dropped here, which ends it.
+        Ok(Upstream::leased(dialed?, Origin::Dialed, Box::new(lease)))
     }
 }
 
 impl Connector for Pool {
-    /// A pooled spare if there is one; else a dial of our own, leased so that an untouched
-    /// connection can still come back. If the pool fails or is slow in any way, a plain direct
-    /// dial: a client never fails because of the pool.
+    /// A pooled spare if there is a usable one; else a dial of our own, leased so that an
+    /// untouched connection can still come back. A spare found dead or no longer allowed is
+    /// closed and the next one (or a dial) is tried: the client never sees it. If the pool
+    /// fails or is slow in any way, a plain direct dial: a client never fails because of the
+    /// pool, and gets the reply its own dial earns.
     fn acquire<'a>(
         &'a self,
         target: &'a TargetAddr,
     ) -> BoxFuture<'a, Result<Upstream, ConnectError>> {
         Box::pin(async move {
-            match self.checkout(target).await {
-                Ok(Checkout::Hit { stream, lease }) => {
-                    Ok(Upstream::leased(stream, Origin::Pooled, Box::new(lease)))
-                }
-                Ok(Checkout::Miss { lease }) => {
-                    let started = tokio::time::Instant::now();
-                    let dialed = self.dial(target).await;
-                    lease.report_dial(dialed.is_ok(), started.elapsed());
-                    // On error the lease is dropped here, which ends it.
-                    Ok(Upstream::leased(dialed?, Origin::Dialed, Box::new(lease)))
-                }
-                Err(why) => {
-                    self.fallback_dials.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%target, %why, "pool unavailable; dialing directly");
-                    self.telemetry.warning(
-                        category::POOL_FALLBACK,
-                        format!("pool unavailable for {target} ({why}); dialed directly"),
-                        vec![("destination", json!(target.to_string()))],
-                    );
-                    Ok(Upstream::dialed(self.dial(target).await?))
+            if self.excluded(target) {
+                return Ok(Upstream::dialed(self.dial(target).await?));
+            }
+            for _ in 0..=STALE_SPARES_PER_CHECKOUT {
+                match self.checkout(target).await {
+                    Ok(Checkout::Hit { stream, lease }) => {
+                        if self.usable(target, &stream) {
+                            return Ok(Upstream::leased(stream, Origin::Pooled, Box::new(lease)));
+                        }
+                        drop(stream);
+                        lease.stale();
+                    }
+                    Ok(Checkout::Miss { lease }) => return self.dial_for_miss(target, lease).await,
+                    Err(why) => {
+                        self.fallback_dials.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%target, %why, "pool unavailable; dialing directly");
+                        self.telemetry.warning(
+                            category::POOL_FALLBACK,
+                            format!("pool unavailable for {target} ({why}); dialed directly"),
+                            vec![("destination", json!(target.to_string()))],
+                        );
+                        return Ok(Upstream::dialed(self.dial(target).await?));
+                    }
                 }
             }
+            // Every spare tried was stale: this client dials for itself.
+            Ok(Upstream::dialed(self.dial(target).await?))
         })
     }
 }

@@ -21,11 +21,14 @@ use tokio::time::Instant;
 
 use super::category;
 use super::lease::PoolLease;
-use super::messages::{BudgetMsg, Checkout, Fault, ManagerMsg, ManagerSweep, SlotId, SpareId};
+use super::messages::{
+    BudgetMsg, Checkout, Fault, LeaseOutcome, ManagerMsg, ManagerSweep, Returned, SlotId, SpareId,
+};
 use super::options::PoolOptions;
 use super::refill::{Backoff, RefillTarget, SURPLUS_GRACE};
+use super::server_limit::ServerIdleLimit;
 use super::spare::{probe, Probe, Spare};
-use super::stats::{DestCounters, DestStats};
+use super::stats::{DestCounters, DestStats, TargetReason};
 use crate::socks::TargetAddr;
 use crate::telemetry::Telemetry;
 use crate::upstream::{ConnectError, Dialer};
@@ -50,7 +53,7 @@ enum SlotPurpose {
     /// A background dial for a new spare.
     Refill,
     /// An untouched connection coming back (still counted in use until it is pooled).
-    Return(TcpStream),
+    Return(Returned),
 }
 
 pub struct ManagerState {
@@ -77,6 +80,12 @@ pub struct ManagerState {
     next_spare: SpareId,
     refill: RefillTarget,
     backoff: Backoff,
+    /// The server's idle limit, learned from spares it closed (see `server_limit`).
+    server_limit: ServerIdleLimit,
+    /// A spare here received bytes before any client did: the server speaks first.
+    speaks_first: bool,
+    /// A connection here landed on an excluded network: no spares for this destination.
+    excluded: bool,
     last_activity: Instant,
     /// Reported cold to a sweep, so the Directory may be pruning it: checkouts that bypass the
     /// Directory are refused until one routed by the Directory shows it was kept.
@@ -103,6 +112,9 @@ impl Actor for PoolManager {
             destination: args.destination,
             refill: RefillTarget::new(options.refill, options.max_idle_per_dest),
             backoff: Backoff::new(options.backoff_base, options.backoff_max),
+            server_limit: ServerIdleLimit::default(),
+            speaks_first: false,
+            excluded: false,
             options,
             dialer: args.dialer,
             budget: args.budget,
@@ -169,8 +181,18 @@ impl ManagerState {
                 let checkout = self.checkout(myself);
                 self.unanswered = Some((reply, checkout));
             }
-            ManagerMsg::Release { untouched } => self.release(myself, untouched),
-            ManagerMsg::MissDialed { ok, took } => {
+            ManagerMsg::Release { returned, hit, outcome } => {
+                match outcome {
+                    LeaseOutcome::Served if hit => self.counters.hits += 1,
+                    LeaseOutcome::Stale => self.counters.stale_checkouts += 1,
+                    _ => {}
+                }
+                self.release(myself, returned)
+            }
+            ManagerMsg::MissDialed { ok, took, excluded } => {
+                if excluded {
+                    self.excluded = true;
+                }
                 if ok {
                     self.counters.created += 1;
                     // The client's own dial measures the path as well as a background one.
@@ -187,7 +209,7 @@ impl ManagerState {
             ManagerMsg::Evict { slot } => self.evict(slot),
             ManagerMsg::SpareReadable { spare } => self.spare_readable(myself, spare),
             ManagerMsg::Sweep { now, idle_timeout, cold_after, reply } => {
-                let expired = self.expire(now, idle_timeout);
+                let (expired, retired) = self.expire(now, idle_timeout);
                 let trimmed = self.trim_surplus(now);
                 let cold = self.idle.is_empty()
                     && self.in_use == 0
@@ -195,7 +217,8 @@ impl ManagerState {
                     && self.awaiting.is_empty()
                     && now.saturating_duration_since(self.last_activity) >= cold_after;
                 self.retiring = cold;
-                let _ = reply.send(ManagerSweep { expired, trimmed, cold, stats: self.snapshot() });
+                let stats = self.snapshot();
+                let _ = reply.send(ManagerSweep { expired, retired, trimmed, cold, stats });
             }
             ManagerMsg::Stats(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -215,39 +238,50 @@ impl ManagerState {
         let now = Instant::now();
         self.last_activity = now;
         self.refill.observe_checkout(now);
+        let retire_age = self.server_limit.retire_age(now);
         let mut found = None;
         while let Some(spare) = self.idle.pop() {
             let slot = spare.slot;
-            let too_old =
-                now.saturating_duration_since(spare.pooled_at) >= self.options.idle_timeout;
+            let born = spare.born;
+            let age = now.saturating_duration_since(born);
             // Each discarded socket is closed (dropped) before its slot is given back.
-            if too_old {
+            if age >= self.options.idle_timeout {
                 drop(spare);
                 self.counters.expired += 1;
+            } else if retire_age.is_some_and(|retire| age >= retire) {
+                drop(spare);
+                self.counters.retired_early += 1;
             } else if probe(spare.stream()) == Probe::Closed {
                 drop(spare);
                 self.counters.validation_drops += 1;
+                self.server_limit.observe_close(age, now);
                 tracing::debug!(destination = %self.label, "discarded a closed spare at checkout");
             } else {
-                // The session keeps the slot in case its connection comes back untouched.
-                self.lent_slots.push(slot);
-                let _ = self.budget.cast(BudgetMsg::Lent { slot });
-                found = Some(spare.into_stream());
-                break;
+                match spare.into_stream() {
+                    Ok(stream) => {
+                        // The session keeps the slot in case its connection comes back untouched.
+                        self.lent_slots.push(slot);
+                        let _ = self.budget.cast(BudgetMsg::Lent { slot });
+                        self.server_limit.observe_hand_out(age);
+                        found = Some((stream, born));
+                        break;
+                    }
+                    Err(_) => self.counters.validation_drops += 1,
+                }
             }
             self.release_slot(slot);
         }
         self.in_use += 1;
-        let lease = PoolLease::new(myself.clone());
         let checkout = match found {
-            Some(stream) => {
-                self.counters.hits += 1;
+            Some((stream, born)) => {
+                // A hit is counted once the client is served on it (see `Release`).
                 self.counters.reused += 1;
+                let lease = PoolLease::new(myself.clone(), true, Some(born));
                 Checkout::Hit { stream, lease }
             }
             None => {
                 self.counters.misses += 1;
-                Checkout::Miss { lease }
+                Checkout::Miss { lease: PoolLease::new(myself.clone(), false, None) }
             }
         };
         self.maybe_refill(myself, now);
@@ -262,7 +296,7 @@ impl ManagerState {
     /// Starts background dials while the spares held or on their way fall short of the target,
     /// a few per event at most (the next checkout or finished dial continues the ramp).
     fn maybe_refill(&mut self, myself: &ActorRef<ManagerMsg>, now: Instant) {
-        let target = self.refill.target(now).min(self.options.max_idle_per_dest);
+        let target = self.target(now).0;
         for _ in 0..self.refill.dials_per_event() {
             if self.committed() >= target || !self.backoff.allows(now) {
                 break;
@@ -293,21 +327,48 @@ impl ManagerState {
         }
     }
 
-    fn release(&mut self, myself: &ActorRef<ManagerMsg>, untouched: Option<TcpStream>) {
-        self.last_activity = Instant::now();
-        match untouched {
-            None => self.end_session(),
-            Some(stream) if self.committed() < self.options.max_idle_per_dest => {
+    /// Spares wanted now, and why: the demand-sized target, unless this destination gets none.
+    fn target(&self, now: Instant) -> (usize, TargetReason) {
+        if self.excluded {
+            return (0, TargetReason::Excluded);
+        }
+        if !self.server_limit.spares_pay(self.refill.rate_at(now), now) {
+            return (0, TargetReason::ServerIdleLimit);
+        }
+        (self.refill.target(now).min(self.options.max_idle_per_dest), TargetReason::Demand)
+    }
+
+    fn release(&mut self, myself: &ActorRef<ManagerMsg>, returned: Option<Returned>) {
+        let now = Instant::now();
+        self.last_activity = now;
+        let Some(returned) = returned else {
+            self.end_session();
+            return;
+        };
+        // Its age counts from its dial: a spare handed out and back is no younger.
+        let age = now.saturating_duration_since(returned.born);
+        if age >= self.options.idle_timeout {
+            self.end_session();
+            self.counters.expired += 1;
+            return;
+        }
+        if self.server_limit.retire_age(now).is_some_and(|retire| age >= retire) {
+            self.end_session();
+            self.counters.retired_early += 1;
+            return;
+        }
+        match returned {
+            stream if self.committed() < self.options.max_idle_per_dest => {
                 if let Some(slot) = self.lent_slots.pop() {
                     self.end_session();
                     self.counters.returned_untouched += 1;
-                    self.pool(myself, stream, slot);
+                    self.pool(myself, stream.stream, slot, stream.born);
                 } else {
                     // Stays counted in use until it is pooled or dropped.
                     self.ask_slot(myself, SlotPurpose::Return(stream));
                 }
             }
-            Some(stream) => {
+            stream => {
                 drop(stream);
                 self.end_session();
                 self.counters.dropped_full += 1;
@@ -336,10 +397,10 @@ impl ManagerState {
     fn slot_granted(&mut self, myself: &ActorRef<ManagerMsg>, tag: u64, slot: SlotId) {
         match self.awaiting.remove(&tag) {
             Some(SlotPurpose::Refill) => self.start_dial(myself, slot),
-            Some(SlotPurpose::Return(stream)) => {
+            Some(SlotPurpose::Return(returned)) => {
                 self.end_session();
                 self.counters.returned_untouched += 1;
-                self.pool(myself, stream, slot);
+                self.pool(myself, returned.stream, slot, returned.born);
             }
             None => self.release_slot(slot),
         }
@@ -375,11 +436,11 @@ impl ManagerState {
         self.dialing.push(slot);
         let dialer = Arc::clone(&self.dialer);
         let target = self.destination.clone();
-        let timeout = self.options.connect_timeout;
+        let limits = self.options.dial_limits();
         let manager = myself.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = dial_within(dialer.as_ref(), &target, timeout).await;
+            let result = dial_within(dialer.as_ref(), &target, limits).await;
             // If the manager died meanwhile, the message (and the stream in it) is dropped.
             let _ = manager.cast(ManagerMsg::DialDone { slot, result, took: started.elapsed() });
         });
@@ -412,7 +473,7 @@ impl ManagerState {
                 self.counters.created += 1;
                 self.backoff.succeeded();
                 self.refill.observe_dial(took);
-                self.pool(myself, stream, slot);
+                self.pool(myself, stream, slot, Instant::now());
                 if self.refill.refills_after_dials() {
                     self.maybe_refill(myself, Instant::now());
                 }
@@ -437,10 +498,16 @@ impl ManagerState {
     }
 
     /// Puts a never-used connection on top of the idle stack. The caller holds its slot.
-    fn pool(&mut self, myself: &ActorRef<ManagerMsg>, stream: TcpStream, slot: SlotId) {
+    fn pool(
+        &mut self,
+        myself: &ActorRef<ManagerMsg>,
+        stream: TcpStream,
+        slot: SlotId,
+        born: Instant,
+    ) {
         let id = self.next_spare;
         self.next_spare += 1;
-        let spare = Spare::new(stream, id, slot);
+        let spare = Spare::new(stream, id, slot, born);
         spare.watch(myself);
         self.idle.push(spare);
         self.idle_high_water = self.idle_high_water.max(self.idle.len());
@@ -495,37 +562,62 @@ impl ManagerState {
             Probe::Closed => {
                 let spare = self.idle.remove(index);
                 let slot = spare.slot;
+                let now = Instant::now();
+                let age = now.saturating_duration_since(spare.born);
                 drop(spare);
                 self.counters.peer_closed += 1;
+                // Its server dropped an idle connection: a measure of its idle limit.
+                self.server_limit.observe_close(age, now);
                 self.release_slot(slot);
-                tracing::debug!(destination = %self.label, "an idle spare was closed by its peer");
+                tracing::debug!(destination = %self.label, ?age, "an idle spare was closed by its server");
             }
-            Probe::Greeting => {}
+            Probe::Greeting => {
+                // Bytes before any client: left for the client; the close is still watched.
+                self.speaks_first = true;
+                self.idle[index].watch(myself);
+            }
             Probe::Quiet => self.idle[index].watch(myself),
         }
     }
 
-    fn expire(&mut self, now: Instant, idle_timeout: Duration) -> u64 {
-        let (old, fresh): (Vec<Spare>, Vec<Spare>) = std::mem::take(&mut self.idle)
-            .into_iter()
-            .partition(|s| now.saturating_duration_since(s.pooled_at) >= idle_timeout);
-        self.idle = fresh;
-        let expired = old.len() as u64;
-        // Counted before the slots go back, so the view published with each release agrees.
-        self.counters.expired += expired;
-        for spare in old {
+    /// Closes spares older than `idle_timeout` (expired) or than the age at which this
+    /// destination's server is learned to drop them (retired early). Counts both.
+    fn expire(&mut self, now: Instant, idle_timeout: Duration) -> (u64, u64) {
+        let retire_age = self.server_limit.retire_age(now);
+        let (mut expired, mut retired) = (0, 0);
+        let mut index = 0;
+        while index < self.idle.len() {
+            let age = now.saturating_duration_since(self.idle[index].born);
+            let is_expired = age >= idle_timeout;
+            let is_retired = !is_expired && retire_age.is_some_and(|retire| age >= retire);
+            if !is_expired && !is_retired {
+                index += 1;
+                continue;
+            }
+            let spare = self.idle.remove(index);
             let slot = spare.slot;
             drop(spare);
+            // Counted before the slot goes back, so the view published with the release agrees.
+            if is_expired {
+                expired += 1;
+                self.counters.expired += 1;
+            } else {
+                retired += 1;
+                self.counters.retired_early += 1;
+            }
             self.release_slot(slot);
         }
-        expired
+        (expired, retired)
     }
 
     /// Closes idle spares beyond the current target that have waited `SURPLUS_GRACE`, oldest
     /// first: LIFO hand-out leaves the least recently pooled at the bottom, so those are the
     /// ones demand no longer reaches. Their budget slots go back to other destinations.
     fn trim_surplus(&mut self, now: Instant) -> u64 {
-        let keep = self.refill.keep_at_most(now);
+        let keep = match self.target(now) {
+            (0, _) => 0,
+            _ => self.refill.keep_at_most(now),
+        };
         let mut trimmed = 0;
         while self.committed() > keep
             && self
@@ -555,7 +647,18 @@ impl ManagerState {
             backing_off: self.backoff.is_active(now),
             last_activity_ms: unix_ms_at(self.last_activity, now),
             refill: self.refill.stats(now),
+            policy: self.policy(now),
             counters: self.counters,
+        }
+    }
+
+    fn policy(&self, now: Instant) -> super::stats::SparePolicy {
+        let (target, reason) = self.target(now);
+        super::stats::SparePolicy {
+            target,
+            reason,
+            speaks_first: self.speaks_first,
+            server_idle_limit_ms: self.server_limit.limit(now).map(|l| l.as_millis() as u64),
         }
     }
 
@@ -572,6 +675,7 @@ impl ManagerState {
             s.backing_off = self.backoff.is_active(now);
             s.last_activity_ms = unix_ms_at(self.last_activity, now);
             s.refill = self.refill.stats(now);
+            s.policy = self.policy(now);
             s.counters = self.counters;
         });
     }

@@ -33,6 +33,25 @@ impl std::fmt::Debug for Checkout {
     }
 }
 
+/// A never-used connection coming back from a session, with the time it was dialed (its age
+/// counts from there, not from its return).
+pub struct Returned {
+    pub stream: TcpStream,
+    pub born: Instant,
+}
+
+/// How a lease's session went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The client got a success reply on the connection.
+    Served,
+    /// It did not (the dial failed, the client left first).
+    NotServed,
+    /// The spare handed out was found unusable before the reply (its server had closed it, or
+    /// the rules no longer allow its peer); the client was given another connection.
+    Stale,
+}
+
 /// Faults a harness can inject into a PoolManager.
 #[derive(Debug, Clone)]
 pub enum Fault {
@@ -48,6 +67,8 @@ pub enum Fault {
 #[derive(Debug, Clone)]
 pub struct ManagerSweep {
     pub expired: u64,
+    /// Spares closed before their server's learned idle limit (see `server_limit`).
+    pub retired: u64,
     /// Surplus spares closed because demand fell (see `refill`).
     pub trimmed: u64,
     /// Nothing idle, in use or pending, and no traffic for `cold_after`.
@@ -60,6 +81,8 @@ pub struct ManagerSweep {
 pub struct SweepReport {
     /// Spares closed because they were older than `idle_timeout`.
     pub expired: u64,
+    /// Spares closed before their server's learned idle limit.
+    pub retired: u64,
     /// Surplus spares closed because demand fell below what they were dialed for.
     pub trimmed: u64,
     /// Cold destinations whose PoolManager was stopped.
@@ -78,11 +101,12 @@ pub enum ManagerMsg {
     /// copy of the route. Refused (the reply port is dropped, so the caller asks the Directory
     /// instead) once this manager has reported itself cold to a sweep: it may be stopping.
     AcquireDirect(RpcReplyPort<Checkout>),
-    /// A lease ended. `untouched` is the stream back if not a byte moved either way.
-    Release { untouched: Option<TcpStream> },
+    /// A lease ended: how, whether it was a hit, and the stream back if it is still a spare.
+    Release { returned: Option<Returned>, hit: bool, outcome: LeaseOutcome },
     /// The caller of a `Miss` finished its own dial (`took`: how long, which the refill target
-    /// uses as a measure of the path).
-    MissDialed { ok: bool, took: Duration },
+    /// uses as a measure of the path). `excluded`: it landed on an excluded network, so this
+    /// destination gets no spares.
+    MissDialed { ok: bool, took: Duration, excluded: bool },
     /// A background dial finished.
     DialDone { slot: SlotId, result: Result<TcpStream, ConnectError>, took: Duration },
     /// The GlobalBudget granted a reservation requested with `tag`.

@@ -54,7 +54,7 @@
 //! let config = PoolConfig { enabled: true, ..PoolConfig::default() };
 //! let mut options = PoolOptions::from_config(&config);
 //! options.janitor_period = None; // the harness runs the Janitor itself
-//! let pool = Pool::spawn(options, Arc::new(TcpDialer), Telemetry::disabled()).await?;
+//! let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled()).await?;
 //!
 //! // First checkout: a miss (dialed for us), which starts a background dial of a spare.
 //! let first = pool.acquire(&target).await?;
@@ -88,17 +88,19 @@ pub mod manager;
 pub mod messages;
 pub mod options;
 pub mod refill;
+pub mod server_limit;
 pub mod spare;
 pub mod stats;
 
 pub use handle::{Pool, PoolError};
 pub use lease::PoolLease;
 pub use messages::{
-    BudgetMsg, Checkout, DirectoryMsg, Fault, JanitorMsg, ManagerMsg, ManagerSweep, SweepReport,
+    BudgetMsg, Checkout, DirectoryMsg, Fault, JanitorMsg, LeaseOutcome, ManagerMsg, ManagerSweep,
+    Returned, SweepReport,
 };
 pub use options::PoolOptions;
 pub use refill::{RefillMode, RefillStats};
-pub use stats::{BudgetStats, DestCounters, DestStats, PoolStats};
+pub use stats::{BudgetStats, DestCounters, DestStats, PoolStats, SparePolicy, TargetReason};
 
 /// Telemetry categories the pool records under.
 pub mod category {

@@ -1,21 +1,32 @@
-//! An idle spare: a never-used upstream connection, watched for a peer close while it waits.
+//! An idle spare: a never-used upstream connection, watched for its server's close while it
+//! waits.
 //!
 //! The PoolManager owns the stream itself, so a checkout hands it out at once (no other task to
 //! wait for). Watching costs no task either: the manager registers a waker with tokio's I/O
-//! driver for the socket's readability (`Spare::watch`); the driver calls it if the socket
+//! driver for the socket's readability (`Spare::watch`); the driver calls it when the socket
 //! becomes readable, and the waker sends `SpareReadable` to the manager, which looks at the
-//! socket ([`probe`]). EOF or an error means the peer closed it: the manager drops it at once.
-//! Readable data is a server greeting (e.g. SMTP/FTP banners): it is left in the socket for the
-//! client and watching stops (a close after a greeting is then caught at checkout, or not at all
-//! if the greeting precedes it, in which case the client reads greeting then EOF, as it would
-//! direct). A closed spare is dropped by the manager before its budget slot is released.
+//! socket ([`probe`]).
+//!
+//! # Telling a dead spare from a live one
+//! [`probe`] asks the kernel with `poll(2)` for `POLLRDHUP`, `POLLHUP` and `POLLERR` as well as
+//! `POLLIN`. `POLLRDHUP` is set once the server's FIN has arrived and `POLLHUP`/`POLLERR` once
+//! it reset the connection, *whatever unread bytes sit before them*. A peek cannot tell: behind
+//! a greeting it returns the greeting, so a spare whose server sent a banner and then closed
+//! (sshd after `LoginGraceTime`, SMTP's `421`, MariaDB after `connect_timeout`) looked alive and
+//! was handed out to a client that read the stale banner and then EOF or a reset.
+//!
+//! A spare that receives bytes while idle is a server that speaks first: its greeting stays in
+//! the socket for the client. The manager then clears tokio's readable readiness (the closed
+//! state it keeps) and watches again, so the server's later close still wakes it; because the
+//! cleared readiness would leave the client's first read waiting for an edge that already
+//! came, such a spare is re-registered with the I/O driver when it is handed out
+//! ([`Spare::into_stream`]), which reports the waiting bytes afresh.
 //!
 //! Once the stream is handed out, the client's first read replaces the waker (tokio keeps one
 //! reader waker per socket); until then a wake finds no spare with that id and is ignored.
 
 use std::future::{poll_fn, Future};
 use std::io;
-use std::mem::MaybeUninit;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
@@ -30,7 +41,12 @@ use super::messages::{ManagerMsg, SlotId, SpareId};
 pub(crate) struct Spare {
     pub id: SpareId,
     pub slot: SlotId,
+    /// When its dial completed: its age, against `idle_timeout` and the server's idle limit.
+    pub born: Instant,
+    /// When it last entered the pool: the trim grace and the hand-out order count from here.
     pub pooled_at: Instant,
+    /// Its server sent bytes unprompted (a greeting), still unread in the socket.
+    pub greeted: bool,
     stream: TcpStream,
 }
 
@@ -52,16 +68,21 @@ impl Wake for ReadableAlarm {
 }
 
 impl Spare {
-    pub fn new(stream: TcpStream, id: SpareId, slot: SlotId) -> Self {
-        Spare { id, slot, pooled_at: Instant::now(), stream }
+    pub fn new(stream: TcpStream, id: SpareId, slot: SlotId, born: Instant) -> Self {
+        Spare { id, slot, born, pooled_at: Instant::now(), greeted: false, stream }
     }
 
     pub fn stream(&self) -> &TcpStream {
         &self.stream
     }
 
-    pub fn into_stream(self) -> TcpStream {
-        self.stream
+    /// The stream, ready for a client. A greeted spare is re-registered with the I/O driver so
+    /// its unread greeting wakes the client's first read (see the module docs).
+    pub fn into_stream(self) -> io::Result<TcpStream> {
+        if !self.greeted {
+            return Ok(self.stream);
+        }
+        TcpStream::from_std(self.stream.into_std()?)
     }
 
     /// Has `manager` told (`SpareReadable`) when the socket becomes readable: at once, by
@@ -83,20 +104,42 @@ impl Spare {
         }
     }
 
-    /// Looks at the socket after a wake-up. Only when nothing is there is tokio's cached
-    /// readiness cleared (so the next [`Spare::watch`] waits for a new event), and only the
-    /// readiness seen *before* looking: `try_io` keeps an event that arrives while the probe
-    /// runs. Clearing after a separate probe could swallow a greeting or FIN that landed in
-    /// between, and a greeting handed out with its readiness cleared would never wake the relay.
-    pub fn probe_after_wake(&self) -> Probe {
+    /// Looks at the socket after a wake-up. Unless it is closed, tokio's readable readiness is
+    /// cleared (so the next [`Spare::watch`] waits for a new event: more bytes, or the close),
+    /// and only the readiness seen *before* looking: `try_io` keeps an event that arrives while
+    /// the probe runs. A greeting marks the spare `greeted`.
+    pub fn probe_after_wake(&mut self) -> Probe {
         let looked = self.stream.try_io(Interest::READABLE, || match probe(&self.stream) {
-            Probe::Quiet => Err(io::ErrorKind::WouldBlock.into()),
-            seen => Ok(seen),
+            Probe::Closed => Ok(Probe::Closed),
+            seen => Err(io::Error::new(io::ErrorKind::WouldBlock, ProbeSeen(seen))),
         });
-        // WouldBlock: quiet (readiness cleared), or not marked ready at all (a stale wake).
-        looked.unwrap_or(Probe::Quiet)
+        let seen = match looked {
+            Ok(seen) => seen,
+            // Ours: the probe's finding, readiness cleared.
+            Err(e) => match e.get_ref().and_then(|inner| inner.downcast_ref::<ProbeSeen>()) {
+                Some(ProbeSeen(seen)) => *seen,
+                // Not marked ready at all (a stale wake): look without touching readiness.
+                None => probe(&self.stream),
+            },
+        };
+        if seen == Probe::Greeting {
+            self.greeted = true;
+        }
+        seen
     }
 }
+
+/// What the probe found, carried out of `try_io` inside its `WouldBlock` error.
+#[derive(Debug)]
+struct ProbeSeen(Probe);
+
+impl std::fmt::Display for ProbeSeen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "spare probe: {:?}", self.0)
+    }
+}
+
+impl std::error::Error for ProbeSeen {}
 
 /// What a non-blocking look at a spare found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,14 +148,40 @@ pub enum Probe {
     Quiet,
     /// Open with unread bytes: a greeting, left in place for the client.
     Greeting,
-    /// The peer closed it (EOF) or it is broken.
+    /// The peer closed it (FIN) or reset it, or it is broken, with or without unread bytes.
     Closed,
 }
 
-/// Looks at the socket without blocking and without consuming anything (MSG_PEEK on the
-/// non-blocking fd, asked of the kernel directly rather than tokio's readiness cache).
+/// Looks at the socket without blocking and without consuming anything: `poll(2)` with a zero
+/// timeout, asked of the kernel directly rather than tokio's readiness cache.
+#[cfg(target_os = "linux")]
 pub fn probe(stream: &TcpStream) -> Probe {
-    let mut buf = [MaybeUninit::<u8>::uninit(); 1];
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut fds = [PollFd::new(stream, PollFlags::IN | PollFlags::RDHUP)];
+    let now = Timespec { tv_sec: 0, tv_nsec: 0 };
+    match poll(&mut fds, Some(&now)) {
+        Ok(0) => Probe::Quiet,
+        Ok(_) => {
+            let seen = fds[0].revents();
+            let dead = PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR | PollFlags::NVAL;
+            if seen.intersects(dead) {
+                Probe::Closed
+            } else if seen.contains(PollFlags::IN) {
+                Probe::Greeting
+            } else {
+                Probe::Quiet
+            }
+        }
+        Err(rustix::io::Errno::INTR) => Probe::Quiet,
+        Err(_) => Probe::Closed,
+    }
+}
+
+/// Elsewhere a peek is all there is: EOF or an error is a close, bytes a greeting (a close
+/// behind a greeting goes unseen there).
+#[cfg(not(target_os = "linux"))]
+pub fn probe(stream: &TcpStream) -> Probe {
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1];
     match socket2::SockRef::from(stream).peek(&mut buf) {
         Ok(0) => Probe::Closed,
         Ok(_) => Probe::Greeting,
@@ -128,19 +197,68 @@ mod tests {
     use crate::test_support::tcp_pair as pair;
     use tokio::io::AsyncWriteExt;
 
+    /// Waits until the kernel has the server's close (or bytes) for `client`.
+    async fn settle(client: &TcpStream) {
+        client.readable().await.unwrap();
+    }
+
     #[tokio::test]
     async fn probe_tells_quiet_greeting_and_closed_apart() {
         let (client, mut server) = pair().await;
         assert_eq!(probe(&client), Probe::Quiet);
         server.write_all(b"hello").await.unwrap();
-        client.readable().await.unwrap();
+        settle(&client).await;
         assert_eq!(probe(&client), Probe::Greeting);
-        // Peeking twice still sees the bytes: nothing was consumed.
+        // Probing twice still sees the bytes: nothing was consumed.
         assert_eq!(probe(&client), Probe::Greeting);
+    }
 
+    #[tokio::test]
+    async fn a_fin_is_seen_with_and_without_a_greeting_before_it() {
         let (client, server) = pair().await;
         drop(server);
-        client.readable().await.unwrap();
-        assert_eq!(probe(&client), Probe::Closed);
+        settle(&client).await;
+        assert_eq!(probe(&client), Probe::Closed, "FIN, nothing unread");
+
+        let (client, mut server) = pair().await;
+        server.write_all(b"220 ready\r\n421 idle timeout\r\n").await.unwrap();
+        server.shutdown().await.unwrap();
+        drop(server);
+        // Wait for the FIN itself, not only the bytes before it.
+        let mut deadline = 0;
+        while probe(&client) != Probe::Closed && deadline < 1_000 {
+            tokio::task::yield_now().await;
+            client.readable().await.unwrap();
+            deadline += 1;
+        }
+        assert_eq!(probe(&client), Probe::Closed, "FIN behind a greeting");
+        // The bytes are still there: the probe consumed nothing.
+        let mut peeked = [0u8; 3];
+        assert_eq!(client.peek(&mut peeked).await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_reset_is_seen_with_and_without_a_greeting_before_it() {
+        for greeting in [&b""[..], b"5.5.5-10.11.6-MariaDB\0"] {
+            let (client, mut server) = pair().await;
+            if !greeting.is_empty() {
+                server.write_all(greeting).await.unwrap();
+            }
+            // Linger 0: the close sends RST, as a server's connect_timeout does.
+            socket2::SockRef::from(&server).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            drop(server);
+            let mut spins = 0;
+            while probe(&client) != Probe::Closed && spins < 1_000 {
+                client.readable().await.unwrap();
+                tokio::task::yield_now().await;
+                spins += 1;
+            }
+            assert_eq!(
+                probe(&client),
+                Probe::Closed,
+                "RST after {} greeting bytes",
+                greeting.len()
+            );
+        }
     }
 }

@@ -11,8 +11,9 @@ use super::refill::RefillStats;
 pub struct DestCounters {
     /// Connections opened: background spares plus dials for misses.
     pub created: u64,
-    /// Spares handed to a client (each one a pool hit).
+    /// Spares handed out by a checkout.
     pub reused: u64,
+    /// Sessions served on a spare: the client got a success reply on it.
     pub hits: u64,
     pub misses: u64,
     /// Untouched connections not pooled because a per-destination or the global cap was full.
@@ -25,8 +26,14 @@ pub struct DestCounters {
     pub evicted: u64,
     /// Failed dials (background and for misses).
     pub connect_failures: u64,
-    /// Spares found closed or broken at checkout and discarded.
+    /// Spares found closed or reset by their server at checkout (greeting or not) and
+    /// discarded before anyone saw them.
     pub validation_drops: u64,
+    /// Spares handed out and found unusable before the client's reply (the server had just
+    /// reset it, or the rules no longer allow its peer): the client got another connection.
+    pub stale_checkouts: u64,
+    /// Spares closed before their server's learned idle limit would have closed them.
+    pub retired_early: u64,
     /// Idle spares whose peer closed them (noticed while idle).
     pub peer_closed: u64,
     /// Connections handed back without a byte moved, and pooled again.
@@ -50,6 +57,8 @@ impl DestCounters {
         self.evicted += other.evicted;
         self.connect_failures += other.connect_failures;
         self.validation_drops += other.validation_drops;
+        self.stale_checkouts += other.stale_checkouts;
+        self.retired_early += other.retired_early;
         self.peer_closed += other.peer_closed;
         self.returned_untouched += other.returned_untouched;
         self.refill_denied += other.refill_denied;
@@ -81,8 +90,39 @@ pub struct DestStats {
     /// `checkouts_per_sec`, `dial_time_ms`, `demand_spares`).
     #[serde(flatten)]
     pub refill: RefillStats,
+    /// How many spares the destination gets and why (`spare_target`, `spare_target_reason`,
+    /// `speaks_first`, `server_idle_limit_ms`).
+    #[serde(flatten)]
+    pub policy: SparePolicy,
     #[serde(flatten)]
     pub counters: DestCounters,
+}
+
+/// Why a destination has the spare target it has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TargetReason {
+    /// Sized from its demand (see `refill`).
+    #[default]
+    Demand,
+    /// `[server.pool] exclude_ports` or `exclude_networks` cover it: no spares.
+    Excluded,
+    /// Its server drops idle connections sooner than a spare waits for a client there.
+    ServerIdleLimit,
+}
+
+/// The spare policy's view of one destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SparePolicy {
+    /// Spares (idle plus dialing) wanted now, after every rule below.
+    #[serde(rename = "spare_target")]
+    pub target: usize,
+    #[serde(rename = "spare_target_reason")]
+    pub reason: TargetReason,
+    /// A spare received bytes before any client: the server sends a greeting first.
+    pub speaks_first: bool,
+    /// The idle time after which its server was seen to drop spares, if it does.
+    pub server_idle_limit_ms: Option<u64>,
 }
 
 impl DestStats {
@@ -139,6 +179,8 @@ pub struct PoolStats {
     pub pending_creates: u64,
     pub connect_failures: u64,
     pub validation_drops: u64,
+    pub stale_checkouts: u64,
+    pub retired_early: u64,
     pub peer_closed: u64,
     pub returned_untouched: u64,
     pub refill_denied: u64,
@@ -191,6 +233,8 @@ impl PoolStats {
         stats.evicted = counters.evicted;
         stats.connect_failures = counters.connect_failures;
         stats.validation_drops = counters.validation_drops;
+        stats.stale_checkouts = counters.stale_checkouts;
+        stats.retired_early = counters.retired_early;
         stats.peer_closed = counters.peer_closed;
         stats.returned_untouched = counters.returned_untouched;
         stats.refill_denied = counters.refill_denied;

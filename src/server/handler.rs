@@ -12,14 +12,15 @@ use tracing::{debug, info, warn};
 
 use super::auth::{Authenticator, LoginOutcome};
 use super::metrics::ServerMetrics;
-use super::relay::relay;
-use crate::access::AccessPolicy;
+use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
+use crate::access::SharedPolicy;
+use crate::logsafe::Escaped;
 use crate::socks::{
     Command, Greeting, MethodSelection, Reply, ReplyCode, Request, SocksError, TargetAddr,
     UserPassReply, UserPassRequest, METHOD_USERPASS,
 };
 use crate::telemetry::Telemetry;
-use crate::upstream::{ConnectError, Connector, Origin, Upstream};
+use crate::upstream::{ConnectError, Connector, Upstream};
 
 /// Largest handshake read in one go; also bounds the pipelined bytes we hold before relaying.
 const HANDSHAKE_BUFFER: usize = 1024;
@@ -31,9 +32,10 @@ pub const CATEGORY_AUTH: &str = "auth";
 /// What every handler shares.
 pub struct HandlerContext {
     pub auth: Authenticator,
-    pub access: Arc<AccessPolicy>,
+    pub access: SharedPolicy,
     pub connector: Arc<dyn Connector>,
     pub handshake_timeout: Duration,
+    pub session_idle_timeout: Duration,
     pub metrics: Arc<ServerMetrics>,
     pub telemetry: Telemetry,
 }
@@ -45,7 +47,7 @@ pub async fn serve(
     peer: SocketAddr,
     cancel: CancellationToken,
 ) {
-    if !ctx.access.client_allowed(peer.ip()) {
+    if !ctx.access.load().client_allowed(peer.ip()) {
         info!("client address not allowed by access.client_networks");
         ctx.telemetry.warning(
             CATEGORY_ACCESS,
@@ -79,18 +81,26 @@ pub async fn serve(
 
     let Some(mut upstream) = connect(&ctx, &mut client, &target, &cancel).await else { return };
     ctx.metrics.session_started();
-    let returnable = upstream.is_leased();
-    let result = relay(&mut client, &mut upstream.stream, &pending, returnable, &cancel).await;
+    let settings = RelaySettings {
+        pending: &pending,
+        may_return_untouched: upstream.is_leased(),
+        idle_timeout: ctx.session_idle_timeout,
+        metrics: &ctx.metrics,
+        cancel: &cancel,
+    };
+    let result = relay(&mut client, &mut upstream.stream, settings).await;
     ctx.metrics.session_ended();
     match result {
         Ok(outcome) => {
-            ctx.metrics.add_relayed(outcome.client_to_upstream, outcome.upstream_to_client);
-            debug!(
-                %target,
-                sent = outcome.client_to_upstream,
-                received = outcome.upstream_to_client,
-                "session closed"
-            );
+            let sent = outcome.client_to_upstream;
+            let received = outcome.upstream_to_client;
+            match outcome.end {
+                SessionEnd::Closed => debug!(%target, sent, received, "session closed"),
+                SessionEnd::IdleTimeout => {
+                    info!(%target, sent, received, timeout = ?ctx.session_idle_timeout, "session idle too long: closed")
+                }
+                SessionEnd::Cut => debug!(%target, sent, received, "session cut at shutdown"),
+            }
             upstream.finish(outcome.upstream_untouched);
         }
         Err(e) => {
@@ -101,29 +111,26 @@ pub async fn serve(
 }
 
 /// Gets an upstream for `target` and sends the CONNECT reply (success or the failure code).
+/// A client that resets meanwhile ends the attempt at once; one that half-closes still gets
+/// its reply (and the session) when the connect completes.
 async fn connect(
     ctx: &HandlerContext,
     client: &mut TcpStream,
     target: &TargetAddr,
     cancel: &CancellationToken,
 ) -> Option<Upstream> {
-    let acquired = if ctx.access.may_reach(target) {
+    let acquired = if ctx.access.load().may_reach(target) {
         tokio::select! {
             acquired = ctx.connector.acquire(target) => acquired,
+            error = watch_error(client) => {
+                debug!(%target, %error, "client left while its connection was being made");
+                return None;
+            }
             _ = cancel.cancelled() => return None,
         }
     } else {
         Err(ConnectError::NotAllowed(target.clone()))
     };
-    // A pooled spare was checked when it was dialed; checking its peer again costs one syscall
-    // and keeps the guarantee whatever dialer filled the pool.
-    let acquired = acquired.and_then(|upstream| match upstream.origin {
-        Origin::Pooled if !peer_allowed(&ctx.access, target, &upstream) => {
-            upstream.finish(true);
-            Err(ConnectError::NotAllowed(target.clone()))
-        }
-        _ => Ok(upstream),
-    });
     let upstream = match acquired {
         Ok(upstream) => upstream,
         Err(e) => {
@@ -150,15 +157,12 @@ async fn connect(
     if let Err(e) = client.write_all(&Reply { code: ReplyCode::Succeeded, bound }.to_bytes()).await
     {
         debug!(error = %e, "client left before the reply");
-        upstream.finish(true);
+        // Nothing crossed the upstream connection: it is still as good as a spare.
+        upstream.finish_unserved(true);
         return None;
     }
     debug!(%target, origin = ?upstream.origin, "connected");
     Some(upstream)
-}
-
-fn peer_allowed(access: &AccessPolicy, target: &TargetAddr, upstream: &Upstream) -> bool {
-    upstream.stream.peer_addr().is_ok_and(|peer| access.may_connect(target, peer.ip()))
 }
 
 /// Greeting, authentication and request. Returns the CONNECT target and any bytes the client
@@ -192,13 +196,13 @@ async fn handshake(
         reader.get_mut().write_all(&UserPassReply { success: accepted }.to_bytes()).await?;
         let request = request?;
         match outcome {
-            LoginOutcome::Accepted => debug!(user = %request.username, "authenticated"),
+            LoginOutcome::Accepted => debug!(user = %Escaped(&request.username), "authenticated"),
             LoginOutcome::Rejected => {
-                warn!(user = %request.username, "authentication failed");
+                warn!(user = %Escaped(&request.username), "authentication failed");
                 return Err(SocksError::AuthFailed);
             }
             LoginOutcome::RateLimited => {
-                warn!(user = %request.username, "login refused: too many failures from this address");
+                warn!(user = %Escaped(&request.username), "login refused: too many failures from this address");
                 ctx.telemetry.warning(
                     CATEGORY_AUTH,
                     "login refused: too many failures from this address",

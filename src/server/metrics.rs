@@ -36,9 +36,9 @@ impl ServerMetrics {
         self.sessions_active.fetch_sub(1, Relaxed);
     }
 
-    pub fn add_relayed(&self, to_upstream: u64, to_client: u64) {
-        self.bytes_client_to_upstream.fetch_add(to_upstream, Relaxed);
-        self.bytes_upstream_to_client.fetch_add(to_client, Relaxed);
+    /// The byte totals (client to upstream, upstream to client) the relay adds to as bytes move.
+    pub fn relayed_totals(&self) -> (&AtomicU64, &AtomicU64) {
+        (&self.bytes_client_to_upstream, &self.bytes_upstream_to_client)
     }
 
     pub fn handshake_failed(&self) {

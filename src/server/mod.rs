@@ -19,9 +19,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::access::AccessPolicy;
+use crate::access::{AccessPolicy, SharedPolicy};
 use crate::config::Config;
 use crate::pool::{Pool, PoolError, PoolOptions};
+use crate::resolve::{DnsResolver, Resolver};
 use crate::telemetry::Telemetry;
 use crate::upstream::{Connector, Dialer, DirectConnector, PolicyDialer};
 use auth::Authenticator;
@@ -36,12 +37,15 @@ pub enum ServerError {
     Pool(#[from] PoolError),
     #[error(transparent)]
     Stats(#[from] crate::stats::StatsError),
+    #[error("cannot start the DNS resolver: {0}")]
+    Resolver(#[from] crate::resolve::ResolveError),
 }
 
 /// A configured server, ready to run on a listener.
 pub struct Server {
     config: Config,
-    access: Arc<AccessPolicy>,
+    access: SharedPolicy,
+    resolver: Arc<dyn Resolver>,
     connector: Arc<dyn Connector>,
     pool: Option<Pool>,
     metrics: Arc<ServerMetrics>,
@@ -52,19 +56,28 @@ pub struct Server {
 }
 
 impl Server {
-    /// Builds the server's parts (the upstream connector) from a validated config.
+    /// Builds the server's parts (the upstream connector) from a validated config, resolving
+    /// names with the DNS resolver `[server.dns]` describes.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
-        let access = Arc::new(AccessPolicy::from_config(&config.access));
+        let resolver = Arc::new(DnsResolver::from_config(&config.server.dns)?);
+        Self::build_with_resolver(config, resolver).await
+    }
+
+    /// Like [`Server::build`], with names resolved by `resolver` (tests inject a static one).
+    pub async fn build_with_resolver(
+        config: Config,
+        resolver: Arc<dyn Resolver>,
+    ) -> Result<Self, ServerError> {
+        let access = AccessPolicy::from_config(&config.access).shared();
         let telemetry = Telemetry::new(&config.telemetry);
         // Pooled or direct, every dial goes through the access rules.
-        let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone()));
-        let pool_config = &config.server.pool;
-        let (connector, pool): (Arc<dyn Connector>, _) = if pool_config.enabled {
-            let options = PoolOptions::from_config(pool_config);
+        let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone(), resolver.clone()));
+        let options = PoolOptions::from_server_config(&config.server);
+        let (connector, pool): (Arc<dyn Connector>, _) = if config.server.pool.enabled {
             let pool = Pool::spawn(options, dialer, telemetry.clone()).await?;
             (Arc::new(pool.clone()), Some(pool))
         } else {
-            (Arc::new(DirectConnector::with_dialer(dialer, pool_config.connect_timeout())), None)
+            (Arc::new(DirectConnector::with_dialer(dialer, options.dial_limits())), None)
         };
         let metrics = Arc::new(ServerMetrics::default());
         let stats_listener = if config.sessions.stats_api_enabled {
@@ -76,6 +89,7 @@ impl Server {
         Ok(Server {
             config,
             access,
+            resolver,
             connector,
             pool,
             metrics,
@@ -102,6 +116,11 @@ impl Server {
     /// Where the stats endpoint listens, when `[sessions] stats_api_enabled` (tests bind port 0).
     pub fn stats_addr(&self) -> Option<SocketAddr> {
         self.stats_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// What resolves destination names (the UDP relay and BIND use it too).
+    pub fn resolver(&self) -> Arc<dyn Resolver> {
+        self.resolver.clone()
     }
 
     /// The connection pool, when `[server.pool] enabled = true`.
@@ -133,6 +152,7 @@ impl Server {
             access: self.access.clone(),
             connector: self.connector.clone(),
             handshake_timeout: server.handshake_timeout(),
+            session_idle_timeout: server.session_idle_timeout(),
             metrics: self.metrics.clone(),
             telemetry: self.telemetry.clone(),
         });

@@ -1,64 +1,168 @@
-//! Copies bytes between a client and its upstream until both directions are done.
+//! Relays bytes between a client and its upstream until the session ends.
+//!
+//! A session ends when both directions have seen EOF (half-close is passed on each way), when
+//! either socket reports an error (a client's RST ends it at once, even while the other
+//! direction is blocked on a destination that stopped reading), when no byte moved either way
+//! for the idle timeout, or when the server cuts it at shutdown.
 
 use std::io;
+use std::mem::MaybeUninit;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+pub(super) use super::copy::watch_error;
+use super::copy::{self, Tally};
+use super::metrics::ServerMetrics;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayOutcome {
     pub client_to_upstream: u64,
     pub upstream_to_client: u64,
-    /// True when not a byte (nor a FIN) reached the upstream and none came from it: the upstream
-    /// connection is still a never-used spare and may go back to the pool.
+    /// True when not a byte (nor a FIN) reached the upstream and none came from it, and the
+    /// client is really gone: the upstream is still a never-used spare and may go back.
     pub upstream_untouched: bool,
+    pub end: SessionEnd,
 }
 
-/// Relays until both directions have seen EOF, an error occurs, or `cancel` fires.
-///
-/// `pending` holds bytes the client sent right behind its CONNECT request (read along with the
-/// handshake); they are delivered first. Half-close is propagated both ways: a client that shuts
-/// down its write side still receives the rest of the response. `may_return_untouched` asks
-/// whether the upstream is left untouched when the client leaves without sending (only worth a
-/// syscall when a pool can take the connection back).
+/// How a session ended, for the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SessionEnd {
+    /// Both directions reached EOF.
+    #[default]
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    IdleTimeout,
+    /// Cut at shutdown.
+    Cut,
+}
+
+/// What a relay needs besides its two sockets.
+pub struct RelaySettings<'a> {
+    /// Bytes the client sent right behind its request (read with the handshake), delivered first.
+    pub pending: &'a [u8],
+    /// Whether an untouched upstream can go back to a pool (only then is it worth watching for
+    /// a client that leaves before anything moved).
+    pub may_return_untouched: bool,
+    pub idle_timeout: Duration,
+    pub metrics: &'a ServerMetrics,
+    pub cancel: &'a CancellationToken,
+}
+
+/// Relays until the session ends (see the module docs). An I/O error of either socket is
+/// returned as `Err`; bytes moved before it are already counted in the server's metrics.
 pub async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
-    pending: &[u8],
-    may_return_untouched: bool,
-    cancel: &CancellationToken,
+    settings: RelaySettings<'_>,
 ) -> io::Result<RelayOutcome> {
-    let mut outcome = RelayOutcome::default();
-    if pending.is_empty() && may_return_untouched {
-        // Wait for the first event before touching the upstream. A client that leaves without
-        // sending anything (a browser's unused preconnect, say) hands back an untouched spare.
-        // Peeking needs no buffer and leaves the bytes for the copy below.
-        let mut probe = [0u8; 1];
-        tokio::select! {
-            peeked = client.peek(&mut probe) => match peeked {
-                Ok(0) | Err(_) => return Ok(RelayOutcome { upstream_untouched: true, ..outcome }),
-                Ok(_) => {}
-            },
-            // The upstream speaks first (a server greeting) or closed: either way it is used now.
-            ready = upstream.readable() => ready?,
-            _ = cancel.cancelled() => {
-                return Ok(RelayOutcome { upstream_untouched: true, ..outcome });
-            }
+    let up = AtomicU64::new(0);
+    let down = AtomicU64::new(0);
+    let (to_upstream_total, to_client_total) = settings.metrics.relayed_totals();
+    let outcome = |end, untouched| RelayOutcome {
+        client_to_upstream: up.load(Ordering::Relaxed),
+        upstream_to_client: down.load(Ordering::Relaxed),
+        upstream_untouched: untouched,
+        end,
+    };
+
+    if settings.pending.is_empty() && settings.may_return_untouched {
+        match first_event(client, upstream, &settings).await? {
+            First::ClientGone => return Ok(outcome(SessionEnd::Closed, true)),
+            First::Idle => return Ok(outcome(SessionEnd::IdleTimeout, true)),
+            First::Cut => return Ok(outcome(SessionEnd::Cut, true)),
+            First::Traffic => {}
         }
-    } else if !pending.is_empty() {
-        upstream.write_all(pending).await?;
-        outcome.client_to_upstream += pending.len() as u64;
+    } else if !settings.pending.is_empty() {
+        upstream.write_all(settings.pending).await?;
+        let sent = settings.pending.len() as u64;
+        up.fetch_add(sent, Ordering::Relaxed);
+        to_upstream_total.fetch_add(sent, Ordering::Relaxed);
     }
 
-    let copy = super::copy::bidirectional(client, upstream);
+    let idle = idle_timer(&up, &down, settings.idle_timeout);
+    let copy = copy::bidirectional(
+        client,
+        upstream,
+        Tally { session: &up, total: to_upstream_total },
+        Tally { session: &down, total: to_client_total },
+    );
     tokio::select! {
-        copied = copy => {
-            let (to_upstream, to_client) = copied?;
-            outcome.client_to_upstream += to_upstream;
-            outcome.upstream_to_client += to_client;
-            Ok(outcome)
+        copied = copy => copied.map(|()| outcome(SessionEnd::Closed, false)),
+        () = idle => Ok(outcome(SessionEnd::IdleTimeout, false)),
+        () = settings.cancel.cancelled() => Ok(outcome(SessionEnd::Cut, false)),
+    }
+}
+
+enum First {
+    /// The client sent bytes, half-closed, or the upstream spoke: relay.
+    Traffic,
+    /// The client reset or failed before anything moved.
+    ClientGone,
+    Idle,
+    Cut,
+}
+
+/// Waits for the first event of a session whose upstream could go back to a pool untouched.
+/// Only a client that is really gone (reset, error) leaves it untouched: a FIN is a
+/// half-close, and the client still gets whatever the server sends (a greeting, say).
+async fn first_event(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    settings: &RelaySettings<'_>,
+) -> io::Result<First> {
+    let idle = tokio::time::sleep(settings.idle_timeout);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            ready = client.ready(Interest::READABLE | Interest::ERROR) => {
+                let ready = ready?;
+                if ready.is_error() {
+                    return Ok(First::ClientGone);
+                }
+                // Peeking needs no buffer and leaves the bytes for the copy.
+                let mut probe = [MaybeUninit::<u8>::uninit(); 1];
+                match client.try_io(Interest::READABLE, || {
+                    socket2::SockRef::from(client).peek(&mut probe)
+                }) {
+                    Ok(_) => return Ok(First::Traffic),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(_) => return Ok(First::ClientGone),
+                }
+            }
+            // The upstream speaks first (a server greeting) or closed: either way it is used.
+            ready = upstream.readable() => {
+                ready?;
+                return Ok(First::Traffic);
+            }
+            () = &mut idle => return Ok(First::Idle),
+            () = settings.cancel.cancelled() => return Ok(First::Cut),
         }
-        _ = cancel.cancelled() => Err(io::Error::new(io::ErrorKind::Interrupted, "relay cut at shutdown")),
+    }
+}
+
+/// Completes once neither counter moved for `timeout`. It looks every quarter of the timeout,
+/// so a session is closed between 1 and 1.25 timeouts after its last byte, without touching a
+/// clock on the byte path.
+async fn idle_timer(up: &AtomicU64, down: &AtomicU64, timeout: Duration) {
+    let step = (timeout / 4).max(Duration::from_millis(1));
+    let moved = || up.load(Ordering::Relaxed).wrapping_add(down.load(Ordering::Relaxed));
+    let mut last_seen = moved();
+    let mut quiet_for = Duration::ZERO;
+    loop {
+        tokio::time::sleep(step).await;
+        let now_seen = moved();
+        if now_seen == last_seen {
+            quiet_for += step;
+            if quiet_for >= timeout {
+                return;
+            }
+        } else {
+            last_seen = now_seen;
+            quiet_for = Duration::ZERO;
+        }
     }
 }

@@ -7,6 +7,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::error::SocksError;
 use super::{ATYP_DOMAIN, ATYP_IPV4, ATYP_IPV6};
+use crate::logsafe::Escaped;
 
 /// A destination exactly as the client asked for it. It doubles as the pool key, so a pool hit
 /// for a domain skips DNS resolution too.
@@ -95,7 +96,8 @@ impl fmt::Display for TargetAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TargetAddr::Ip(addr) => write!(f, "{addr}"),
-            TargetAddr::Domain(name, port) => write!(f, "{name}:{port}"),
+            // A name is whatever a client sent: escaped, so it cannot forge a log line.
+            TargetAddr::Domain(name, port) => write!(f, "{}:{port}", Escaped(name)),
         }
     }
 }
