@@ -11,9 +11,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
 
 use super::handler::{self, HandlerContext};
+use crate::throttle::Throttle;
 
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one "max_connections reached" line per this long: at the limit, every client that
+/// arrives while a slot is taken is a rejection, and churn around the limit would otherwise
+/// log two lines per client.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counts a run of failures so a burst is logged once at its start and once at its end,
 /// never once per failure (a flood of EMFILE must not become a flood of log lines).
@@ -58,7 +63,7 @@ pub(super) async fn accept_loop(
     stop: &CancellationToken,
 ) {
     let mut errors = Burst::default();
-    let mut rejections = Burst::default();
+    let mut rejections = Throttle::new(REJECTION_LOG_INTERVAL);
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {
@@ -73,15 +78,15 @@ pub(super) async fn accept_loop(
                 backoff = ACCEPT_BACKOFF_START;
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
                     ctx.metrics.rejected_over_limit();
-                    if rejections.fail() {
-                        warn!(%peer, "max_connections reached: closing new clients until a slot frees");
+                    if let Some(held_back) = rejections.allow(tokio::time::Instant::now()) {
+                        warn!(
+                            rejected_since_last_report = held_back,
+                            "max_connections reached: closing new clients until a slot frees"
+                        );
                     }
                     drop(client);
                     continue;
                 };
-                if let Some(rejected) = rejections.end() {
-                    warn!(rejected, "below max_connections again");
-                }
                 let ctx = ctx.clone();
                 let cut = cut.clone();
                 tracker.spawn(

@@ -3,8 +3,11 @@
 //! Plain atomics: these are independent tallies read by the stats endpoint, not pool state.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde::Serialize;
+
+use super::auth::{AuthCounters, AuthCountersSnapshot};
 
 #[derive(Debug, Default)]
 pub struct ServerMetrics {
@@ -14,6 +17,7 @@ pub struct ServerMetrics {
     bytes_upstream_to_client: AtomicU64,
     handshake_failures: AtomicU64,
     rejected_over_limit: AtomicU64,
+    auth: Arc<AuthCounters>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -24,6 +28,8 @@ pub struct ServerMetricsSnapshot {
     pub bytes_upstream_to_client: u64,
     pub handshake_failures: u64,
     pub rejected_over_limit: u64,
+    #[serde(flatten)]
+    pub auth: AuthCountersSnapshot,
 }
 
 impl ServerMetrics {
@@ -49,6 +55,11 @@ impl ServerMetrics {
         self.rejected_over_limit.fetch_add(1, Relaxed);
     }
 
+    /// The login path's counters (shared with the `Authenticator`).
+    pub fn auth_counters(&self) -> Arc<AuthCounters> {
+        self.auth.clone()
+    }
+
     pub fn snapshot(&self) -> ServerMetricsSnapshot {
         ServerMetricsSnapshot {
             sessions_active: self.sessions_active.load(Relaxed),
@@ -57,6 +68,7 @@ impl ServerMetrics {
             bytes_upstream_to_client: self.bytes_upstream_to_client.load(Relaxed),
             handshake_failures: self.handshake_failures.load(Relaxed),
             rejected_over_limit: self.rejected_over_limit.load(Relaxed),
+            auth: self.auth.snapshot(),
         }
     }
 }
