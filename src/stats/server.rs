@@ -77,7 +77,7 @@ pub async fn serve(
                         info!(failed_accepts_not_logged = held_back, "stats endpoint accepting again");
                     }
                     backoff = ACCEPT_BACKOFF_START;
-                    let Some(permit) = admit(&permits, &registry).await else {
+                    let Some(permit) = admit(&permits, &registry, options.evictable_after).await else {
                         debug!(%peer, "stats endpoint at its connection limit, every slot busy; closing");
                         continue;
                     };
@@ -119,11 +119,15 @@ pub async fn serve(
 
 /// A connection slot for a newcomer: a free one, or the one of the connection that has waited
 /// longest for a request head, closed for it. `None` when every connection is mid-request.
-async fn admit(permits: &Arc<Semaphore>, registry: &Registry) -> Option<OwnedSemaphorePermit> {
+async fn admit(
+    permits: &Arc<Semaphore>,
+    registry: &Registry,
+    evictable_after: Duration,
+) -> Option<OwnedSemaphorePermit> {
     if let Ok(permit) = permits.clone().try_acquire_owned() {
         return Some(permit);
     }
-    registry.evict_longest_waiting()?;
+    registry.evict_longest_waiting(evictable_after)?;
     // The evicted connection's task gives its slot back as soon as it runs.
     tokio::time::timeout(EVICTION_WAIT, permits.clone().acquire_owned()).await.ok()?.ok()
 }
@@ -183,12 +187,16 @@ impl Registry {
         state.waiting_since_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
-    /// Closes the connection waiting longest for a request head; `Some` if there was one.
-    fn evict_longest_waiting(&self) -> Option<()> {
+    /// Closes the connection waiting longest for a request head; `Some` if there was one. One
+    /// that has waited less than `evictable_after` is left alone: a client that asks at once
+    /// (a health check) has that long to send its request, however fast others reconnect.
+    fn evict_longest_waiting(&self, evictable_after: Duration) -> Option<()> {
+        let after_ms = u64::try_from(evictable_after.as_millis()).unwrap_or(u64::MAX);
+        let newest_evictable = self.now_ms().checked_sub(after_ms)?;
         let connections = self.lock();
         let victim = connections
             .values()
-            .filter(|c| c.waiting_since_ms.load(Ordering::Relaxed) != BUSY)
+            .filter(|c| c.waiting_since_ms.load(Ordering::Relaxed) <= newest_evictable)
             .filter(|c| !c.evict.is_cancelled())
             .min_by_key(|c| c.waiting_since_ms.load(Ordering::Relaxed))?;
         debug!("stats endpoint full: closing the connection that waited longest for a request");
