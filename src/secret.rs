@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use serde::Deserialize;
+use blake2::{Blake2s256, Digest};
+use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
@@ -21,6 +22,20 @@ impl Secret {
     /// Constant-time comparison, so response timing does not reveal how much of a guess matched.
     pub fn matches(&self, candidate: &[u8]) -> bool {
         self.0.as_bytes().ct_eq(candidate).into()
+    }
+}
+
+/// Serialised as a digest, never as the value: the config's canonical form (its hash on the
+/// stats endpoint, the comparison of a reloaded file with the running one) sees that a secret
+/// changed without holding it. Unkeyed, so the same config hashes alike on every instance.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut hasher = Blake2s256::new();
+        hasher.update(b"poolsocks secret\0");
+        hasher.update(self.0.as_bytes());
+        let digest = hasher.finalize();
+        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        serializer.collect_str(&format_args!("blake2s:{hex}"))
     }
 }
 
@@ -45,6 +60,15 @@ mod tests {
         let secret = Secret::new("hunter2");
         assert!(!format!("{secret:?}").contains("hunter2"));
         assert!(!format!("{secret}").contains("hunter2"));
+    }
+
+    #[test]
+    fn serialises_as_a_digest_that_changes_with_the_value() {
+        let json = serde_json::to_string(&Secret::new("hunter2")).expect("serialise");
+        assert!(!json.contains("hunter2"), "{json}");
+        assert!(json.starts_with("\"blake2s:"), "{json}");
+        let other = serde_json::to_string(&Secret::new("hunter3")).expect("serialise");
+        assert_ne!(json, other);
     }
 
     #[test]

@@ -94,6 +94,8 @@ pub struct Telemetry {
 
 #[derive(Debug)]
 struct Ring {
+    /// Off: nothing is recorded (a reload may switch it on).
+    enabled: bool,
     events: VecDeque<Event>,
     max_events: usize,
     retention: Duration,
@@ -116,14 +118,15 @@ struct Kind {
 }
 
 impl Telemetry {
+    /// A buffer set up as `config` says. Even a disabled one can be switched on later by
+    /// [`Telemetry::reconfigure`] (a reload), since every clone shares it.
     pub fn new(config: &TelemetryConfig) -> Self {
-        if !config.enabled || config.max_events == 0 {
-            return Self::disabled();
-        }
+        let enabled = config.enabled && config.max_events > 0;
         Telemetry {
             inner: Some(Arc::new(Mutex::new(Ring {
-                events: VecDeque::with_capacity(config.max_events.min(4096)),
-                max_events: config.max_events,
+                enabled,
+                events: VecDeque::with_capacity(if enabled { config.max_events.min(4096) } else { 0 }),
+                max_events: config.max_events.max(1),
                 retention: Duration::from_secs(config.retention_hours.saturating_mul(3600)),
                 recorded: 0,
                 front_seq: 0,
@@ -133,12 +136,35 @@ impl Telemetry {
         }
     }
 
+    /// A handle that never records, whatever it is told later (harnesses).
     pub fn disabled() -> Self {
         Telemetry { inner: None }
     }
 
     pub fn is_enabled(&self) -> bool {
-        self.inner.is_some()
+        self.inner.as_ref().is_some_and(|inner| lock(inner).enabled)
+    }
+
+    /// Applies a reloaded `[telemetry]` to every clone: switched on or off (off forgets what
+    /// was held), a smaller `max_events` drops the oldest events (`info` first), a shorter
+    /// retention prunes at once.
+    pub fn reconfigure(&self, config: &TelemetryConfig) {
+        let Some(inner) = &self.inner else { return };
+        let mut ring = lock(inner);
+        ring.enabled = config.enabled && config.max_events > 0;
+        ring.max_events = config.max_events.max(1);
+        ring.retention = Duration::from_secs(config.retention_hours.saturating_mul(3600));
+        if !ring.enabled {
+            ring.front_seq += ring.events.len() as u64;
+            ring.events.clear();
+            ring.latest.clear();
+            ring.sources.clear();
+            return;
+        }
+        while ring.events.len() > ring.max_events {
+            ring.evict_one();
+        }
+        ring.prune(now_ms());
     }
 
     /// Records an event now. `details` are small key/value facts (destination, error, counts).
@@ -158,6 +184,9 @@ impl Telemetry {
             details.into_iter().map(|(k, v)| (k.into(), v)).collect();
         let kind = Kind { severity, category: category.to_string(), message: message.into() };
         let mut ring = lock(inner);
+        if !ring.enabled {
+            return;
+        }
         ring.prune(now);
         ring.recorded += 1;
         let source = source_of(&details);

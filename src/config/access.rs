@@ -1,12 +1,12 @@
 //! `[access]`: which clients may connect and which destinations they may reach.
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, Config, ConfigError};
 
 /// `[access]`: who may use the proxy, and where to.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AccessConfig {
     /// Client source networks allowed to connect; empty allows any.
@@ -17,7 +17,7 @@ pub struct AccessConfig {
     pub rules: Vec<RuleConfig>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     #[default]
@@ -27,7 +27,7 @@ pub enum RuleAction {
 
 /// A destination rule. It matches when every criterion it sets matches (an unset criterion
 /// matches anything); within a criterion any entry may match.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     pub action: RuleAction,
@@ -83,6 +83,17 @@ impl<'de> Deserialize<'de> for PortRange {
             Err(message) => Err(serde::de::Error::custom(format!(
                 "{message}: expected a port (443) or a range (\"8000-8999\")"
             ))),
+        }
+    }
+}
+
+/// Written back as it is read: `443`, or `"8000-8999"`.
+impl Serialize for PortRange {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.first == self.last {
+            serializer.serialize_u16(self.first)
+        } else {
+            serializer.collect_str(&format_args!("{}-{}", self.first, self.last))
         }
     }
 }

@@ -1,6 +1,6 @@
 //! `[auth]`: the SOCKS method, users and the failed-login limit.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{invalid, Config, ConfigError};
 use crate::secret::Secret;
@@ -11,7 +11,7 @@ pub const DEFAULT_LOGIN_FAILURE_WINDOW_SECS: u64 = 60;
 /// RFC 1929 caps usernames and passwords at 255 bytes.
 const MAX_CREDENTIAL_LEN: usize = 255;
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SocksMethod {
     #[default]
@@ -19,7 +19,7 @@ pub enum SocksMethod {
     Userpass,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// When absent: `userpass` if `users` lists anyone, else `none`.
@@ -51,7 +51,7 @@ impl AuthConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct UserConfig {
     pub username: String,

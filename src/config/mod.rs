@@ -5,17 +5,23 @@
 
 mod access;
 mod auth;
+mod compare;
+mod rustsocks;
 mod server;
 mod sessions;
+mod summary;
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub use access::{AccessConfig, PortRange, RuleAction, RuleConfig};
 pub use auth::*;
+pub use compare::{changed_keys, config_hash, is_reloadable, RELOADABLE_KEYS};
+pub use rustsocks::RustsocksCompat;
 pub use server::*;
 pub use sessions::*;
+pub use summary::summary;
 
 /// The commented example shipped in `config/`, also what `poolsocks` runs on with no arguments.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/poolsocks.toml");
@@ -55,7 +61,7 @@ fn line_of_key(text: &str, key: &str) -> Option<usize> {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -64,20 +70,26 @@ pub struct Config {
     pub sessions: SessionsConfig,
     pub telemetry: TelemetryConfig,
     pub logging: LoggingConfig,
+    /// RustSocks sections the file had that poolsocks accepts but does not use.
+    #[serde(skip)]
+    pub rustsocks: RustsocksCompat,
 }
 
 impl Config {
     /// Parses and validates a TOML document. `origin` names the file in error messages.
     pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<Self, ConfigError> {
+        // RustSocks-only sections are blanked (lines kept) or refused when their feature is on.
+        let (text, rustsocks) = rustsocks::set_aside(text, origin)?;
         // toml's message already names the line, the column and the offending key.
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+        let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             origin: origin.map(Path::to_path_buf),
             message: e.to_string().trim_end().to_string(),
         })?;
+        config.rustsocks = rustsocks;
         config.validate().map_err(|e| match e {
             ConfigError::Invalid { key, problem, .. } => ConfigError::Invalid {
                 origin: origin.map(Path::to_path_buf),
-                line: line_of_key(text, key),
+                line: line_of_key(&text, key),
                 key,
                 problem,
             },

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::PortRange;
 
@@ -32,7 +32,7 @@ pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
 /// About 100 MiB of per-destination state at most, however many names clients send.
 pub const DEFAULT_MAX_DESTINATIONS: usize = 10_000;
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     pub bind_address: IpAddr,
@@ -93,7 +93,7 @@ impl ServerConfig {
 }
 
 /// `[server.pool]`: the upstream connection pool (see README, "The pool").
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct PoolConfig {
     pub enabled: bool,
@@ -140,7 +140,7 @@ impl PoolConfig {
 }
 
 /// `[server.dns]`: how destination names are resolved (see `crate::resolve`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsConfig {
     /// Name servers (`"192.0.2.53:53"`); empty uses the system's (`/etc/resolv.conf`).

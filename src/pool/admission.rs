@@ -67,6 +67,12 @@ impl Doorkeeper {
         false
     }
 
+    /// A reloaded window (it follows `idle_timeout_secs`); sightings already held keep their
+    /// time and expire by the new window.
+    pub fn set_window(&mut self, window: Duration) {
+        self.window = window;
+    }
+
     /// Sightings remembered now.
     pub fn len(&self) -> usize {
         self.seen.len()

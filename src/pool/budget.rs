@@ -98,6 +98,7 @@ impl Actor for GlobalBudget {
             BudgetMsg::Claimed { slot } => state.claimed(slot),
             BudgetMsg::Release { slot } => state.release(slot),
             BudgetMsg::ReleaseOwner(owner) => state.release_owner(owner),
+            BudgetMsg::SetLimit { max_total_idle } => state.set_limit(max_total_idle),
             BudgetMsg::Stats(reply) => {
                 let _ = reply.send(state.snapshot());
             }
@@ -145,6 +146,41 @@ impl BudgetState {
                 let _ = owner.cast(ManagerMsg::SlotDenied { tag });
             }
         }
+    }
+
+    /// A new `max_total_idle`. Every slot over a lowered limit is asked back in this one
+    /// message, so no published view shows more than the limit outside `evicting`, and since
+    /// grants wait for `slots < max`, no reservation in flight can push the total back up.
+    fn set_limit(&mut self, max_total_idle: usize) {
+        self.max = max_total_idle;
+        self.stats.max_total_idle = max_total_idle;
+        let mut excess = (self.slots.len() - self.stats.evicting).saturating_sub(self.max);
+        while excess > 0 {
+            let victim = self
+                .lent
+                .iter()
+                .next()
+                .copied()
+                .or_else(|| self.pooled_order.values().next().copied())
+                .or_else(|| {
+                    self.slots
+                        .iter()
+                        .find(|(_, slot)| matches!(slot.state, SlotState::Reserved))
+                        .map(|(&id, _)| id)
+                });
+            let Some(slot_id) = victim else { break };
+            match self.set_state(slot_id, SlotState::Evicting) {
+                Some(SlotState::Lent) => self.stats.lent_reclaimed += 1,
+                Some(SlotState::Pooled(_) | SlotState::Reserved) => self.stats.evictions += 1,
+                _ => {}
+            }
+            let evict = ManagerMsg::Evict { slot: slot_id };
+            if self.slots.get(&slot_id).is_some_and(|slot| slot.owner.cast(evict).is_err()) {
+                self.release(slot_id);
+            }
+            excess -= 1;
+        }
+        self.grant_waiters();
     }
 
     fn grant(&mut self, owner: ActorRef<ManagerMsg>, tag: u64) {

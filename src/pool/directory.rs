@@ -216,6 +216,10 @@ impl Actor for Directory {
             DirectoryMsg::WatchBudget(reply) => {
                 let _ = reply.send(state.budget_stats.subscribe());
             }
+            DirectoryMsg::Reconfigure(options, reply) => {
+                state.reconfigure(&myself, options).await;
+                let _ = reply.send(());
+            }
         }
         Ok(())
     }
@@ -273,6 +277,32 @@ async fn spawn_janitor(
 }
 
 impl DirectoryState {
+    /// A reloaded config, by message to every actor that keeps a copy of the options.
+    async fn reconfigure(&mut self, myself: &ActorRef<DirectoryMsg>, options: PoolOptions) {
+        let options = Arc::new(options);
+        let janitor_changed = options.janitor_period != self.options.janitor_period;
+        self.options = Arc::clone(&options);
+        let _ = self.budget.cast(BudgetMsg::SetLimit { max_total_idle: options.max_total_idle });
+        for entry in self.managers.values() {
+            let _ = entry.manager.cast(ManagerMsg::Reconfigure { options: Arc::clone(&options) });
+        }
+        if let (Some(doorkeeper), Admission::SecondSighting { window }) =
+            (&mut self.doorkeeper, options.admission)
+        {
+            doorkeeper.set_window(window);
+        }
+        if janitor_changed {
+            // The new one is in place before the old one stops, so its end is no failure.
+            match spawn_janitor(myself, &options).await {
+                Ok(janitor) => {
+                    let old = std::mem::replace(&mut self.janitor, janitor);
+                    old.stop(Some("reconfigured".into()));
+                }
+                Err(error) => tracing::warn!(%error, "could not restart the janitor; keeping it"),
+            }
+        }
+    }
+
     /// Whether a destination without a manager gets one now (its second sighting).
     fn admits(&mut self, target: &TargetAddr) -> bool {
         match &mut self.doorkeeper {

@@ -4,6 +4,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef, RpcReplyPort};
 use serde_json::json;
@@ -33,7 +34,8 @@ pub struct Pool {
     directory: ActorRef<DirectoryMsg>,
     routes: Routes,
     dialer: Arc<dyn Dialer>,
-    options: Arc<PoolOptions>,
+    /// Swapped whole by [`Pool::reconfigure`]; each checkout reads the current ones.
+    options: Arc<ArcSwap<PoolOptions>>,
     telemetry: Telemetry,
     fallback_dials: Arc<AtomicU64>,
 }
@@ -49,10 +51,9 @@ impl Pool {
         dialer: Arc<dyn Dialer>,
         telemetry: Telemetry,
     ) -> Result<Pool, PoolError> {
-        let options = Arc::new(options);
         let routes = Routes::default();
         let args = DirectoryArgs {
-            options: Arc::clone(&options),
+            options: Arc::new(options.clone()),
             dialer: Arc::clone(&dialer),
             telemetry: telemetry.clone(),
             routes: routes.clone(),
@@ -64,14 +65,24 @@ impl Pool {
             directory,
             routes,
             dialer,
-            options,
+            options: Arc::new(ArcSwap::from_pointee(options)),
             telemetry,
             fallback_dials: Arc::new(AtomicU64::new(0)),
         })
     }
 
-    pub fn options(&self) -> &PoolOptions {
-        &self.options
+    /// The options in force.
+    pub fn options(&self) -> Arc<PoolOptions> {
+        self.options.load_full()
+    }
+
+    /// Applies reloaded options by message (see [`DirectoryMsg::Reconfigure`]): the budget
+    /// evicts down to a lowered `max_total_idle`, managers trim to a lowered
+    /// `max_idle_per_dest` and close spares the rules in force no longer allow. New checkouts
+    /// use the new timeouts at once. Returns once every actor has been sent its part.
+    pub async fn reconfigure(&self, options: PoolOptions) -> Result<(), PoolError> {
+        self.options.store(Arc::new(options.clone()));
+        self.ask(|reply| DirectoryMsg::Reconfigure(options, reply)).await
     }
 
     pub fn telemetry(&self) -> &Telemetry {
@@ -150,13 +161,13 @@ impl Pool {
     /// time, and whenever the direct send fails (the manager died, is being restarted or was
     /// pruned), since the Directory knows what replaced it.
     async fn checkout(&self, target: &TargetAddr) -> Result<Checkout, String> {
+        let checkout_timeout = self.options.load().checkout_timeout;
         if let Some(manager) = self.routes.get(target) {
-            match manager.call(ManagerMsg::AcquireDirect, Some(self.options.checkout_timeout)).await
-            {
+            match manager.call(ManagerMsg::AcquireDirect, Some(checkout_timeout)).await {
                 Ok(CallResult::Success(checkout)) => return Ok(checkout),
                 // A wedged manager: the client has waited long enough, it dials directly.
                 Ok(CallResult::Timeout) => {
-                    return Err(format!("no answer within {:?}", self.options.checkout_timeout))
+                    return Err(format!("no answer within {checkout_timeout:?}"))
                 }
                 Ok(CallResult::SenderError) | Err(_) => {}
             }
@@ -166,21 +177,20 @@ impl Pool {
             .directory
             .call(
                 |reply| DirectoryMsg::Acquire(target_owned, reply),
-                Some(self.options.checkout_timeout),
+                Some(checkout_timeout),
             )
             .await
         {
             Ok(CallResult::Success(checkout)) => Ok(checkout),
-            Ok(CallResult::Timeout) => {
-                Err(format!("no answer within {:?}", self.options.checkout_timeout))
-            }
+            Ok(CallResult::Timeout) => Err(format!("no answer within {checkout_timeout:?}")),
             Ok(CallResult::SenderError) => Err("the pool dropped the request".into()),
             Err(e) => Err(e.to_string()),
         }
     }
 
     async fn dial(&self, target: &TargetAddr) -> Result<tokio::net::TcpStream, ConnectError> {
-        dial_within(self.dialer.as_ref(), target, self.options.dial_limits()).await
+        let limits = self.options.load().dial_limits();
+        dial_within(self.dialer.as_ref(), target, limits).await
     }
 }
 
@@ -206,7 +216,7 @@ impl Pool {
     /// Whether `target` is one the pool keeps no spares for (`exclude_ports`, and
     /// `exclude_networks` for an address literal; a name's address is judged after its dial).
     fn excluded(&self, target: &TargetAddr) -> bool {
-        let options = &self.options;
+        let options = self.options.load();
         options.exclude_ports.iter().any(|range| range.contains(target.port()))
             || matches!(target, TargetAddr::Ip(addr) if options.excluded_address(addr.ip()))
     }
@@ -226,7 +236,7 @@ impl Pool {
         let started = tokio::time::Instant::now();
         let dialed = self.dial(target).await;
         let excluded = dialed.as_ref().is_ok_and(|stream| {
-            stream.peer_addr().is_ok_and(|peer| self.options.excluded_address(peer.ip()))
+            stream.peer_addr().is_ok_and(|peer| self.options.load().excluded_address(peer.ip()))
         });
         lease.report_dial(dialed.is_ok(), started.elapsed(), excluded);
         // On error the lease is dropped here, which ends it.

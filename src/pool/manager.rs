@@ -223,6 +223,7 @@ impl ManagerState {
             ManagerMsg::Stats(reply) => {
                 let _ = reply.send(self.snapshot());
             }
+            ManagerMsg::Reconfigure { options } => self.reconfigure(options),
             ManagerMsg::InjectFault(fault) => match fault {
                 Fault::Fail(reason) => return Err(reason.into()),
                 Fault::Panic(reason) => panic!("injected fault: {reason}"),
@@ -470,6 +471,13 @@ impl ManagerState {
             return;
         }
         match result {
+            Ok(stream) if self.idle.len() >= self.options.max_idle_per_dest => {
+                // A reload lowered the per-destination limit while this dial ran.
+                self.counters.created += 1;
+                self.counters.trimmed += 1;
+                drop(stream);
+                self.release_slot(slot);
+            }
             Ok(stream) => {
                 self.counters.created += 1;
                 self.backoff.succeeded();
@@ -498,7 +506,9 @@ impl ManagerState {
         }
     }
 
-    /// Puts a never-used connection on top of the idle stack. The caller holds its slot.
+    /// Puts a never-used connection on top of the idle stack. The caller holds its slot. One
+    /// whose peer the rules no longer allow (a reload changed them while it was dialed or out)
+    /// is closed instead.
     fn pool(
         &mut self,
         myself: &ActorRef<ManagerMsg>,
@@ -506,6 +516,12 @@ impl ManagerState {
         slot: SlotId,
         born: Instant,
     ) {
+        if !self.still_allowed(&stream) {
+            drop(stream);
+            self.counters.closed_by_rules += 1;
+            self.release_slot(slot);
+            return;
+        }
         let id = self.next_spare;
         self.next_spare += 1;
         let spare = Spare::new(stream, id, slot, born);
@@ -549,6 +565,52 @@ impl ManagerState {
                     ("max_total_idle", json!(self.options.max_total_idle)),
                 ],
             );
+        }
+    }
+
+    /// Whether the rules in force still allow the peer of a connection to this destination.
+    fn still_allowed(&self, stream: &TcpStream) -> bool {
+        stream.peer_addr().is_ok_and(|peer| self.dialer.still_allowed(&self.destination, peer))
+    }
+
+    /// A reloaded config: new options from now on; idle spares the new rules or exclusions
+    /// no longer allow are closed, then those over the new per-destination limit (oldest
+    /// first). Each closed spare's slot goes back to the budget.
+    fn reconfigure(&mut self, options: Arc<PoolOptions>) {
+        let exclusions_changed = options.exclude_ports != self.options.exclude_ports
+            || options.exclude_networks != self.options.exclude_networks;
+        self.options = options;
+        self.refill.set_max_idle_per_dest(self.options.max_idle_per_dest);
+        let port = self.destination.port();
+        let literal_excluded = match &self.destination {
+            TargetAddr::Ip(addr) => self.options.excluded_address(addr.ip()),
+            TargetAddr::Domain(..) => false,
+        };
+        let port_excluded = self.options.exclude_ports.iter().any(|range| range.contains(port));
+        // A name learned to land on an excluded network is learned again under new lists.
+        self.excluded =
+            port_excluded || literal_excluded || (self.excluded && !exclusions_changed);
+        let mut index = 0;
+        while index < self.idle.len() {
+            let stream = self.idle[index].stream();
+            let excluded = self.excluded
+                || stream.peer_addr().is_ok_and(|peer| self.options.excluded_address(peer.ip()));
+            if self.still_allowed(stream) && !excluded {
+                index += 1;
+                continue;
+            }
+            let spare = self.idle.remove(index);
+            let slot = spare.slot;
+            drop(spare);
+            self.counters.closed_by_rules += 1;
+            self.release_slot(slot);
+        }
+        while self.idle.len() > self.options.max_idle_per_dest {
+            let spare = self.idle.remove(0);
+            let slot = spare.slot;
+            drop(spare);
+            self.counters.trimmed += 1;
+            self.release_slot(slot);
         }
     }
 

@@ -132,6 +132,10 @@ pub enum ManagerMsg {
     },
     /// A snapshot of this destination's counters.
     Stats(RpcReplyPort<DestStats>),
+    /// A reloaded config: new limits and timeouts from now on. Idle spares over the new
+    /// per-destination limit are closed (oldest first), and so are those whose peer the access
+    /// rules (asked through the dialer's `still_allowed`) or the exclusions no longer allow.
+    Reconfigure { options: std::sync::Arc<super::options::PoolOptions> },
     /// Fault injection for harnesses.
     InjectFault(Fault),
 }
@@ -155,6 +159,10 @@ pub enum BudgetMsg {
     ReleaseOwner(ActorId),
     /// A snapshot of the budget.
     Stats(RpcReplyPort<super::stats::BudgetStats>),
+    /// A reloaded `max_total_idle`. Lowered: the slots over it are asked back at once (lent
+    /// first, then the least recently pooled, then dials in flight), and nothing is granted
+    /// until the total is under the new limit. Raised: waiting requests are granted.
+    SetLimit { max_total_idle: usize },
 }
 
 /// Messages to the Directory (the supervisor and router).
@@ -173,6 +181,10 @@ pub enum DirectoryMsg {
     WatchDestination(TargetAddr, RpcReplyPort<tokio::sync::watch::Receiver<DestStats>>),
     /// A live view of the GlobalBudget.
     WatchBudget(RpcReplyPort<tokio::sync::watch::Receiver<super::stats::BudgetStats>>),
+    /// A reloaded config: the Directory keeps the new options, sends the budget its new limit
+    /// and every PoolManager the new options, then replies (the managers apply them in their
+    /// own time; await their published views to see it done).
+    Reconfigure(super::options::PoolOptions, RpcReplyPort<()>),
 }
 
 /// Messages to the Janitor.

@@ -75,6 +75,11 @@ impl RefillTarget {
         RefillTarget { mode, max_idle_per_dest, rate: 0.0, rate_at: None, dial_secs: None }
     }
 
+    /// A reloaded `max_idle_per_dest`; the measurements carry on.
+    pub fn set_max_idle_per_dest(&mut self, max_idle_per_dest: usize) {
+        self.max_idle_per_dest = max_idle_per_dest;
+    }
+
     pub fn mode(&self) -> RefillMode {
         self.mode
     }

@@ -43,6 +43,9 @@ pub struct DestCounters {
     /// Checkouts whose caller had given up (timed out) before the manager got to them; they
     /// were skipped, so no spare was lost to them.
     pub abandoned: u64,
+    /// Spares closed because a reloaded config no longer allows their peer (access rules,
+    /// `exclude_ports`, `exclude_networks`).
+    pub closed_by_rules: u64,
 }
 
 impl DestCounters {
@@ -63,6 +66,7 @@ impl DestCounters {
         self.returned_untouched += other.returned_untouched;
         self.refill_denied += other.refill_denied;
         self.abandoned += other.abandoned;
+        self.closed_by_rules += other.closed_by_rules;
     }
 }
 
@@ -133,7 +137,9 @@ impl DestStats {
 }
 
 /// The GlobalBudget's slots. `reserved + lent + pooled + evicting` never exceeds
-/// `max_total_idle`.
+/// `max_total_idle`, except just after a reload lowered it: then the slots over the new limit
+/// are all `evicting` at once (`reserved + lent + pooled` is within it) and no slot is granted
+/// until the evictions have brought the total under the limit.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct BudgetStats {
     pub max_total_idle: usize,
@@ -189,6 +195,8 @@ pub struct PoolStats {
     /// Checkouts whose caller had given up (timed out and dialed directly) before the manager
     /// got to them: a sign of an overloaded or stalled PoolManager.
     pub abandoned: u64,
+    /// Spares closed because a reloaded config no longer allows their peer.
+    pub closed_by_rules: u64,
     /// PoolManagers restarted after a failure.
     pub manager_restarts: u64,
     /// Cold destinations whose PoolManager was stopped.
@@ -247,6 +255,7 @@ impl PoolStats {
         stats.refill_denied = counters.refill_denied;
         stats.trimmed = counters.trimmed;
         stats.abandoned = counters.abandoned;
+        stats.closed_by_rules = counters.closed_by_rules;
         stats.per_destination = per_destination;
         stats
     }
