@@ -6,10 +6,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use poolsocks::config::{Config, LogFormat, DEFAULT_CONFIG_TOML};
-use tracing::{error, info};
-use tracing_subscriber::EnvFilter;
+use poolsocks::server::{LogLevelHook, Reloader};
+use tracing::{error, info, warn};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{fmt, reload, EnvFilter};
 
 /// A SOCKS5 proxy whose upstream connection pool keeps warm spares to frequent destinations.
+/// SIGHUP re-reads the --config file and applies it without touching sessions in flight.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
@@ -47,9 +50,16 @@ fn main() -> ExitCode {
             .as_ref()
             .map_or("embedded default config".into(), |p| p.display().to_string());
         println!("{origin}: ok");
+        print!("{}", poolsocks::config::summary(&config));
         return ExitCode::SUCCESS;
     }
-    init_logging(&config);
+    let log_level = init_logging(&config);
+    if !config.rustsocks.is_empty() {
+        info!(
+            accepted = %config.rustsocks.accepted.join(", "),
+            "RustSocks settings accepted, not used (their features are off)"
+        );
+    }
     poolsocks::server::fd_limit::apply(&config);
     poolsocks::server::memory::return_large_blocks();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -62,7 +72,8 @@ fn main() -> ExitCode {
     // Served from a worker thread, not from `block_on`'s thread: a session task spawned by an
     // accept loop on a worker starts on that worker's queue instead of waking another thread
     // (context switches per session fell from 1.7-3.6 to 1.0-1.2 on loopback load).
-    match runtime.block_on(async { tokio::spawn(serve(config)).await }) {
+    let path = args.config.clone();
+    match runtime.block_on(async { tokio::spawn(serve(config, path, log_level)).await }) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
             error!(error = %e, "poolsocks stopped");
@@ -75,26 +86,77 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> Result<(), poolsocks::server::ServerError> {
+async fn serve(
+    config: Config,
+    path: Option<PathBuf>,
+    log_level: LogLevelHook,
+) -> Result<(), poolsocks::server::ServerError> {
     let listener = poolsocks::server::bind(&config).await?;
+    let pool = config.server.pool.enabled;
+    let server = poolsocks::server::Server::build(config).await?.with_log_level_hook(log_level);
+    // Watched before "listening" is logged: SIGHUP's default action would end the process.
+    watch_sighup(server.reloader(), path);
     if let Ok(addr) = listener.local_addr() {
         // Tests and scripts read this line to learn the port when bind_port = 0.
-        info!(%addr, pool = config.server.pool.enabled, "listening");
+        info!(%addr, pool, "listening");
     }
-    poolsocks::server::run(config, listener, shutdown_signal()).await
+    server.run(listener, shutdown_signal()).await
 }
 
-fn init_logging(config: &Config) {
+/// Sets up logging; returns how a reload changes the level.
+fn init_logging(config: &Config) -> LogLevelHook {
     // RUST_LOG wins over the config so an operator can raise verbosity without editing files.
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.logging.level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let from_env = EnvFilter::try_from_default_env().ok();
+    let env_set = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| EnvFilter::new(&config.logging.level));
+    let (filter, handle) = reload::Layer::new(filter);
+    let ansi = std::io::stderr().is_terminal();
+    let registry = tracing_subscriber::registry().with(filter);
     match config.logging.format {
-        LogFormat::Pretty => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Pretty => {
+            registry.with(fmt::layer().with_writer(std::io::stderr).with_ansi(ansi)).init()
+        }
+        LogFormat::Json => {
+            registry.with(fmt::layer().json().with_writer(std::io::stderr).with_ansi(ansi)).init()
+        }
+    }
+    std::sync::Arc::new(move |level: &str| {
+        if env_set {
+            return Err("RUST_LOG is set and takes precedence over logging.level".into());
+        }
+        let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
+/// Each SIGHUP re-reads the `--config` file and reloads it (see `server::reload`).
+fn watch_sighup(reloader: Reloader, path: Option<PathBuf>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(hangups) => hangups,
+            Err(e) => {
+                error!(error = %e, "cannot watch SIGHUP; reloads need a restart");
+                return;
+            }
+        };
+        tokio::spawn(async move {
+            while hangups.recv().await.is_some() {
+                match &path {
+                    Some(path) => {
+                        info!(file = %path.display(), "SIGHUP received: reloading the config");
+                        // The outcome is logged (and recorded) by the reload itself.
+                        let _ = reloader.reload_file(path).await;
+                    }
+                    None => warn!("SIGHUP received, but there is no --config file to reload"),
+                }
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (reloader, path);
     }
 }
 

@@ -6,6 +6,7 @@
 mod access;
 mod auth;
 mod compare;
+mod live;
 mod rustsocks;
 mod server;
 mod sessions;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use access::{AccessConfig, PortRange, RuleAction, RuleConfig};
 pub use auth::*;
 pub use compare::{changed_keys, config_hash, is_reloadable, RELOADABLE_KEYS};
+pub use live::{LiveConfig, LoadStatus};
 pub use rustsocks::RustsocksCompat;
 pub use server::*;
 pub use sessions::*;

@@ -83,8 +83,7 @@ pub fn summary(config: &Config) -> String {
     line("logging", format!("{}, {:?}", config.logging.level, config.logging.format).to_lowercase());
     line("config hash", config_hash(config));
     if !config.rustsocks.is_empty() {
-        line("accepted, not used (RustSocks)", String::new());
-        let _ = writeln!(out, "    {}", config.rustsocks.accepted.join(", "));
+        line("not used", format!("{} (RustSocks; accepted, not used)", config.rustsocks.accepted.join(", ")));
     }
     out
 }

@@ -4,13 +4,14 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, warn, Instrument};
 
 use super::handler::{self, HandlerContext};
+use super::limit::ConnectionLimit;
 use crate::throttle::Throttle;
 
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
@@ -53,11 +54,12 @@ fn is_per_connection(error: &io::Error) -> bool {
 
 /// Accepts until `stop` fires. Each admitted client runs in a task on `tracker` holding a
 /// permit of `limit`; clients over the limit are accepted and closed at once rather than left
-/// waiting in the kernel backlog.
+/// waiting in the kernel backlog. Each client takes the context in force when it is accepted
+/// and keeps it to its end (a reload swaps `contexts` for the next clients).
 pub(super) async fn accept_loop(
     listener: &TcpListener,
-    limit: Arc<Semaphore>,
-    ctx: Arc<HandlerContext>,
+    limit: Arc<ConnectionLimit>,
+    contexts: Arc<ArcSwap<HandlerContext>>,
     tracker: &TaskTracker,
     cut: &CancellationToken,
     stop: &CancellationToken,
@@ -76,7 +78,8 @@ pub(super) async fn accept_loop(
                     warn!(failures, "accepting again after a burst of accept errors");
                 }
                 backoff = ACCEPT_BACKOFF_START;
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                let ctx = contexts.load_full();
+                let Some(permit) = limit.try_acquire() else {
                     ctx.metrics.rejected_over_limit();
                     if let Some(held_back) = rejections.allow(tokio::time::Instant::now()) {
                         warn!(
@@ -87,7 +90,6 @@ pub(super) async fn accept_loop(
                     drop(client);
                     continue;
                 };
-                let ctx = ctx.clone();
                 let cut = cut.clone();
                 tracker.spawn(
                     async move {

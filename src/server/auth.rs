@@ -94,7 +94,8 @@ impl AuthCounters {
 /// Runs argon2 checks on the blocking pool, a bounded number at a time.
 #[derive(Debug)]
 struct Verifier {
-    places: Semaphore,
+    /// Shared by the authenticators a reload builds, so the bound holds across a reload.
+    places: Arc<Semaphore>,
     counters: Arc<AuthCounters>,
 }
 
@@ -141,6 +142,39 @@ impl Authenticator {
 
     /// Like [`Authenticator::from_config`], counting into `counters` (the server's).
     pub fn with_counters(auth: &AuthConfig, counters: Arc<AuthCounters>) -> Self {
+        let places = Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFICATIONS));
+        let failures = LoginLimit::new(
+            auth.login_failure_limit,
+            Duration::from_secs(auth.login_failure_window_secs),
+            DEFAULT_CAPACITY,
+        );
+        Self::build(auth, counters, places, failures)
+    }
+
+    /// The authenticator of a reloaded `[auth]`: new users and passwords, the same argon2
+    /// places and counters, and the same failed-login tracker unless its limit or window
+    /// changed (a reload must not wipe an attacker's record).
+    pub fn reloaded(&self, previous: &AuthConfig, auth: &AuthConfig) -> Self {
+        let failures = if previous.login_failure_limit == auth.login_failure_limit
+            && previous.login_failure_window_secs == auth.login_failure_window_secs
+        {
+            Arc::clone(&self.failures)
+        } else {
+            LoginLimit::new(
+                auth.login_failure_limit,
+                Duration::from_secs(auth.login_failure_window_secs),
+                DEFAULT_CAPACITY,
+            )
+        };
+        Self::build(auth, self.counters.clone(), Arc::clone(&self.verifier.places), failures)
+    }
+
+    fn build(
+        auth: &AuthConfig,
+        counters: Arc<AuthCounters>,
+        places: Arc<Semaphore>,
+        failures: Arc<LoginLimit>,
+    ) -> Self {
         let users: HashMap<String, Credential> = auth
             .users
             .iter()
@@ -157,15 +191,8 @@ impl Authenticator {
             method: auth.method(),
             users,
             decoy,
-            verifier: Verifier {
-                places: Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
-                counters: counters.clone(),
-            },
-            failures: LoginLimit::new(
-                auth.login_failure_limit,
-                Duration::from_secs(auth.login_failure_window_secs),
-                DEFAULT_CAPACITY,
-            ),
+            verifier: Verifier { places, counters: counters.clone() },
+            failures,
             counters,
         }
     }

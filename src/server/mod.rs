@@ -6,17 +6,19 @@ pub mod auth;
 mod copy;
 pub mod fd_limit;
 mod handler;
+pub mod limit;
 pub mod login_limit;
 pub mod memory;
 pub mod metrics;
 pub mod relay;
+pub mod reload;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -28,8 +30,8 @@ use crate::resolve::{DnsResolver, Resolver};
 use crate::telemetry::Telemetry;
 use crate::upstream::{Connector, Dialer, DirectConnector, PolicyDialer};
 use auth::Authenticator;
-use handler::HandlerContext;
 use metrics::ServerMetrics;
+pub use reload::{LogLevelHook, ReloadError, ReloadReport, Reloader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -55,6 +57,12 @@ pub struct Server {
     /// Bound in `build` when `[sessions] stats_api_enabled`, so a taken port fails at start-up.
     stats_listener: Option<TcpListener>,
     readiness: crate::stats::Readiness,
+    dialer: Arc<dyn Dialer>,
+    /// Set by `with_connector`: a reload keeps that connector.
+    injected: bool,
+    reloader: Reloader,
+    reload_requests: Option<reload::Requests>,
+    log_level: Option<LogLevelHook>,
 }
 
 impl Server {
@@ -76,10 +84,10 @@ impl Server {
         let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone(), resolver.clone()));
         let options = PoolOptions::from_server_config(&config.server);
         let (connector, pool): (Arc<dyn Connector>, _) = if config.server.pool.enabled {
-            let pool = Pool::spawn(options, dialer, telemetry.clone()).await?;
+            let pool = Pool::spawn(options, dialer.clone(), telemetry.clone()).await?;
             (Arc::new(pool.clone()), Some(pool))
         } else {
-            (Arc::new(DirectConnector::with_dialer(dialer, options.dial_limits())), None)
+            (Arc::new(DirectConnector::with_dialer(dialer.clone(), options.dial_limits())), None)
         };
         let metrics = Arc::new(ServerMetrics::default());
         let stats_listener = if config.sessions.stats_api_enabled {
@@ -88,6 +96,7 @@ impl Server {
             None
         };
         let readiness = crate::stats::Readiness::new();
+        let (reloader, reload_requests) = Reloader::channel();
         Ok(Server {
             config,
             access,
@@ -98,12 +107,29 @@ impl Server {
             telemetry,
             stats_listener,
             readiness,
+            dialer,
+            injected: false,
+            reloader,
+            reload_requests: Some(reload_requests),
+            log_level: None,
         })
+    }
+
+    /// Asks the running server to reload (SIGHUP in `main`; tests call it directly).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
+    /// How a reload applies `logging.level` (`main` owns the log subscriber).
+    pub fn with_log_level_hook(mut self, hook: LogLevelHook) -> Self {
+        self.log_level = Some(hook);
+        self
     }
 
     /// Replaces the upstream connector (harnesses inject their own).
     pub fn with_connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connector = connector;
+        self.injected = true;
         self
     }
 
@@ -137,28 +163,44 @@ impl Server {
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServerError> {
+        let live = crate::config::LiveConfig::new(self.config.clone());
+        let live_pool = Arc::new(crate::stats::LivePool::new(self.pool.clone()));
         let stats = self.stats_listener.take().map(|stats_listener| {
             let ctx = crate::stats::StatsContext::new(
                 self.config.clone(),
                 self.telemetry.clone(),
                 self.metrics.clone(),
             )
-            .with_pool(self.pool.clone())
+            .with_live_config(live.clone())
+            .with_pool_source(live_pool.clone())
             .with_readiness(self.readiness.clone());
             crate::stats::spawn(stats_listener, ctx)
         });
         self.readiness.set_listening(true);
         let server = &self.config.server;
-        let ctx = Arc::new(HandlerContext {
-            auth: Authenticator::with_counters(&self.config.auth, self.metrics.auth_counters()),
+        let auth = Authenticator::with_counters(&self.config.auth, self.metrics.auth_counters());
+        let ctx = Arc::new(ArcSwap::from_pointee(reload::context(
+            &self.config,
+            auth,
+            self.access.clone(),
+            self.connector.clone(),
+            &self.metrics,
+            &self.telemetry,
+        )));
+        let limit = limit::ConnectionLimit::new(server.max_connections);
+        let runtime = reload::Runtime {
+            config: live.clone(),
+            contexts: ctx.clone(),
+            limit: limit.clone(),
+            pool: live_pool.clone(),
             access: self.access.clone(),
-            connector: self.connector.clone(),
-            handshake_timeout: server.handshake_timeout(),
-            session_idle_timeout: server.session_idle_timeout(),
-            metrics: self.metrics.clone(),
+            dialer: self.dialer.clone(),
             telemetry: self.telemetry.clone(),
-        });
-        let limit = Arc::new(Semaphore::new(server.max_connections));
+            metrics: self.metrics.clone(),
+            injected: self.injected.then(|| self.connector.clone()),
+            log_level: self.log_level.take(),
+        };
+        let reloads = self.reload_requests.take().map(|requests| tokio::spawn(runtime.serve(requests)));
         let tracker = TaskTracker::new();
         let cut = CancellationToken::new();
         let stop = CancellationToken::new();
@@ -178,7 +220,7 @@ impl Server {
         self.readiness.set_listening(false);
 
         tracker.close();
-        let grace = server.shutdown_grace();
+        let grace = live.current().server.shutdown_grace();
         if !tracker.is_empty() {
             info!(sessions = tracker.len(), ?grace, "shutting down: draining sessions");
         }
@@ -193,7 +235,10 @@ impl Server {
                 warn!(error = %e, "stats endpoint");
             }
         }
-        if let Some(pool) = &self.pool {
+        if let Some(reloads) = reloads {
+            reloads.abort();
+        }
+        if let Some(pool) = live_pool.get() {
             // Closes every spare, so the process leaves no half-open upstream connection behind.
             pool.shutdown().await;
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::source::PoolStatsSource;
-use crate::config::Config;
+use crate::config::{Config, LiveConfig};
 use crate::pool::Pool;
 use crate::server::metrics::ServerMetrics;
 use crate::telemetry::Telemetry;
@@ -86,7 +86,8 @@ impl Readiness {
 /// Everything the endpoint reads. Passwords and the stats token stay inside `config` and are
 /// never serialised (the JSON lists chosen fields only).
 pub struct StatsContext {
-    pub config: Arc<Config>,
+    /// The config in force, swapped by reloads, with how its last load went.
+    pub config: Arc<LiveConfig>,
     /// `None` when the pool is off: the routes then report zeros and `enabled: false`.
     pub pool: Option<Arc<dyn PoolStatsSource>>,
     pub telemetry: Telemetry,
@@ -100,7 +101,7 @@ impl StatsContext {
     /// A context without a pool, readiness not yet set, default limits.
     pub fn new(config: Config, telemetry: Telemetry, server_metrics: Arc<ServerMetrics>) -> Self {
         StatsContext {
-            config: Arc::new(config),
+            config: LiveConfig::new(config),
             pool: None,
             telemetry,
             server_metrics,
@@ -119,6 +120,12 @@ impl StatsContext {
     /// Reads pool counters from any source (a harness's stand-in, a wrapper).
     pub fn with_pool_source(mut self, source: Arc<dyn PoolStatsSource>) -> Self {
         self.pool = Some(source);
+        self
+    }
+
+    /// Reads the config (and its reload status) from the daemon's live holder.
+    pub fn with_live_config(mut self, config: Arc<LiveConfig>) -> Self {
+        self.config = config;
         self
     }
 

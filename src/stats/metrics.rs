@@ -102,6 +102,37 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "argon2 password checks run (real and decoy), at most 2 at once",
         server.auth.argon2_checks,
     );
+    let status = ctx.config.status();
+    gauge(
+        &mut registry,
+        "config_last_reload_successful",
+        "0 when the last reload was refused (the previous config is still in force), else 1",
+        u64::from(status.last_reload_successful),
+    );
+    gauge(
+        &mut registry,
+        "config_last_reload_timestamp_seconds",
+        "When the config in force was loaded (start or last applied reload), Unix seconds",
+        status.loaded_at_ms / 1000,
+    );
+    counter(&mut registry, "config_reloads", "Reloads applied since start", status.reloads_applied);
+    counter(
+        &mut registry,
+        "config_reloads_refused",
+        "Reloads refused since start (invalid file, or a key that needs a restart)",
+        status.reloads_refused,
+    );
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct HashLabel {
+        hash: String,
+    }
+    let info = Family::<HashLabel, Gauge>::default();
+    info.get_or_create(&HashLabel { hash: status.config_hash.clone() }).set(1);
+    registry.register(
+        "config_info",
+        "1, labelled with the BLAKE2s-256 hash of the effective config in force",
+        info,
+    );
     let (held, recorded) = ctx.telemetry.counts();
     gauge(&mut registry, "telemetry_events_held", "Telemetry events held now", held as u64);
     counter(&mut registry, "telemetry_events", "Telemetry events recorded since start", recorded);
@@ -115,7 +146,8 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
     );
     let up = matches!(view, PoolView::Up(_));
     gauge(pool, "up", "1 when the pool's actors answered this scrape in time", u64::from(up));
-    let config = &ctx.config.server.pool;
+    let live = ctx.config.current();
+    let config = &live.server.pool;
     gauge(
         pool,
         "max_idle_per_dest",

@@ -28,7 +28,7 @@ mod source;
 pub use context::{Readiness, StatsContext, StatsOptions};
 pub use query::{EventsQuery, QueryError, MAX_EVENTS_LIMIT};
 pub use server::{bind, serve, spawn, StatsHandle};
-pub use source::PoolStatsSource;
+pub use source::{LivePool, PoolStatsSource};
 
 use std::net::SocketAddr;
 

@@ -33,7 +33,7 @@ pub(super) async fn handle(shared: &Shared, raw_query: Option<&str>) -> Response
             (StatusCode::SERVICE_UNAVAILABLE, PoolStats::default(), Some(why.clone()))
         }
     };
-    let config = &shared.ctx.config;
+    let config = &*shared.ctx.config.current();
     let mut body = match serde_json::to_value(&stats) {
         Ok(Value::Object(map)) => map,
         _ => Map::new(),
@@ -60,6 +60,7 @@ pub(super) async fn handle(shared: &Shared, raw_query: Option<&str>) -> Response
         }),
     );
     body.insert("config".into(), effective_config(config, shared.ctx.telemetry.is_enabled()));
+    body.insert("config_reload".into(), json!(*shared.ctx.config.status()));
     body.insert("server".into(), json!(shared.ctx.server_metrics.snapshot()));
     body.insert("generated_at_ms".into(), json!(now_ms()));
     response::json(status, &Value::Object(body))

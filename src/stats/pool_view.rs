@@ -38,11 +38,13 @@ impl PoolReader {
     }
 
     pub(super) fn enabled(&self) -> bool {
-        self.source.is_some()
+        self.source.as_ref().is_some_and(|source| source.enabled())
     }
 
     pub(super) async fn read(&self) -> PoolView {
-        let Some(source) = &self.source else { return PoolView::Disabled };
+        let Some(source) = self.source.as_ref().filter(|source| source.enabled()) else {
+            return PoolView::Disabled;
+        };
         let arrived = Instant::now();
         let mut last = self.last.lock().await;
         if let Some((at, view)) = last.as_ref() {

@@ -58,7 +58,8 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     let path = request.uri().path();
     let route = route_of(path);
     // Checked before routing, so without the token even the list of routes stays private.
-    let token = shared.ctx.config.sessions.stats_api_token.as_ref();
+    let config = shared.ctx.config.current();
+    let token = config.sessions.stats_api_token.as_ref();
     if !auth::authorized(token, request.headers()) {
         return auth::unauthorized(matches!(route, Some(Route::Dashboard)));
     }
