@@ -70,3 +70,31 @@ fn a_missing_file_is_reported_with_its_path() {
         Config::load(Path::new("/nonexistent/poolsocks.toml")).expect_err("missing").to_string();
     assert!(message.contains("/nonexistent/poolsocks.toml"), "{message}");
 }
+
+#[test]
+fn rustsocks_sections_whose_features_are_off_are_listed_once_as_accepted() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config/valid/rustsocks_features_off.toml");
+    let config = Config::load(&path).expect("valid");
+    assert_eq!(
+        config.rustsocks.accepted,
+        [
+            "[server.tls]",
+            "auth.client_method = \"none\"",
+            "[auth.pam]",
+            "[auth.gssapi]",
+            "[acl]",
+            "sessions.enabled",
+            "sessions.storage",
+            "sessions.dashboard_enabled",
+            "sessions.base_path",
+            "[sessions.dashboard_auth]",
+            "[metrics]",
+            "[qos]",
+        ]
+    );
+    // poolsocks' own keys in the same sections keep their meaning.
+    assert!(config.server.pool.enabled && config.sessions.stats_api_enabled);
+    assert_eq!(config.auth.users.len(), 1, "dashboard users are not SOCKS users");
+    assert!(!format!("{config:?}").contains("never-printed"));
+}

@@ -28,6 +28,7 @@ use super::handler::HandlerContext;
 use super::limit::ConnectionLimit;
 use super::metrics::ServerMetrics;
 use crate::access::{AccessPolicy, SharedPolicy};
+use crate::logsafe::Escaped;
 use crate::config::{changed_keys, is_reloadable, Config, LiveConfig};
 use crate::pool::{Pool, PoolOptions};
 use crate::stats::LivePool;
@@ -152,13 +153,15 @@ impl Runtime {
 
     fn refuse(&self, error: ReloadError) -> ReloadError {
         let message = error.to_string();
-        error!(error = %message, "config reload refused; the running config stays");
+        // Recorded before it is logged: whoever reads the log line finds the status set.
+        self.config.refused(&message);
         self.telemetry.error(
             CATEGORY_CONFIG,
             "config reload refused; the running config stays",
             vec![("error", json!(message))],
         );
-        self.config.refused(&message);
+        // One line whatever the message holds (toml's errors quote the file over several).
+        error!(error = %Escaped(&message), "config reload refused; the running config stays");
         error
     }
 

@@ -74,6 +74,19 @@ impl Daemon {
         daemon
     }
 
+    /// The config file the daemon was started with (rewrite it, then SIGHUP, to reload).
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("poolsocks.toml")
+    }
+
+    /// Rewrites the config file as [`Daemon::start`] wrote it (info-level logs unless the
+    /// text has a `[logging]` section).
+    pub fn write_config(&self, config: &str) {
+        let logging =
+            if config.contains("[logging]") { "" } else { "\n[logging]\nlevel = \"info\"\n" };
+        std::fs::write(self.config_path(), format!("{config}{logging}")).expect("write config");
+    }
+
     /// The log lines that have arrived so far, without waiting.
     pub fn log_so_far(&mut self) -> Vec<String> {
         self.log.try_iter().collect()
