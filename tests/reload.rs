@@ -331,6 +331,13 @@ async fn a_hundred_reloads_under_traffic_lose_nothing_and_leak_no_descriptor() {
             }
         }));
     }
+    // Two sessions held open across all the reloads.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (stream, reply) = common::connect(daemon.addr, echo.addr.into()).await;
+        assert_eq!(reply.code, ReplyCode::Succeeded);
+        held.push(stream);
+    }
     let mut took_ms = Vec::new();
     for i in 1..=100 {
         let line = reload(&mut daemon, &config(i % 100), "config reloaded");
@@ -340,6 +347,10 @@ async fn a_hundred_reloads_under_traffic_lose_nothing_and_leak_no_descriptor() {
             .and_then(|v| v.parse::<f64>().ok());
         took_ms.extend(ms);
     }
+    for stream in &mut held {
+        assert_eq!(common::round_trip(stream, b"held through 100 reloads").await, b"held through 100 reloads");
+    }
+    drop(held);
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.await.expect("client task: every session succeeded");
