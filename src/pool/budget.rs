@@ -312,6 +312,14 @@ impl BudgetState {
                 (self.stats.reserved, self.stats.lent, self.stats.pooled, self.stats.evicting);
             assert_eq!(counted.1, self.lent.len(), "lent slots drifted from their index");
             assert_eq!(counted, kept, "budget counts drifted from its slots");
+            // The limit holds at every step: whatever is over it (after a lowered limit) is
+            // already being evicted.
+            assert!(
+                counted.0 + counted.1 + counted.2 <= self.max,
+                "slots not being evicted ({}) over max_total_idle ({})",
+                counted.0 + counted.1 + counted.2,
+                self.max
+            );
         }
         BudgetStats { waiting: self.waiters.len(), ..self.stats.clone() }
     }
