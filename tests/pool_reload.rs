@@ -300,3 +300,59 @@ async fn turning_the_pool_off_closes_every_spare_and_on_starts_one() {
     proxy.stop().await;
     upstreams.await_open(0).await;
 }
+
+/// Whether the proxy admits a new client now (a client over `max_connections` is accepted
+/// and closed at once, so its greeting gets no answer).
+async fn admitted(proxy: SocketAddr) -> Option<TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = TcpStream::connect(proxy).await.expect("connect");
+    stream.write_all(&[5, 1, 0]).await.ok()?;
+    let mut selection = [0u8; 2];
+    stream.read_exact(&mut selection).await.ok()?;
+    Some(stream)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lowering_max_connections_cuts_no_session_and_takes_effect_as_they_end() {
+    let echo = common::EchoServer::start().await;
+    let mut config = common::test_config();
+    config.server.max_connections = 3;
+    let server = common::build_server(config.clone()).await.expect("server");
+    let reloader = server.reloader();
+    let proxy = common::TestProxy::start_server(server).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let (stream, reply) = common::connect(proxy.addr, echo.addr.into()).await;
+        assert_eq!(reply.code, ReplyCode::Succeeded);
+        held.push(stream);
+    }
+    assert!(admitted(proxy.addr).await.is_none(), "three of three taken");
+
+    config.server.max_connections = 1;
+    let report = reloader.reload(config.clone()).await.expect("reload");
+    assert_eq!(report.changed, ["server.max_connections"]);
+    for stream in &mut held {
+        assert_eq!(common::round_trip(stream, b"kept").await, b"kept", "no session cut");
+    }
+    assert!(admitted(proxy.addr).await.is_none());
+    drop(held);
+    // As the three end, two of their places are forgotten: one client at a time from now on.
+    assert!(common::serve_once_admitted(proxy.addr, echo.addr).await);
+    let mut one = None;
+    for _ in 0..10_000 {
+        one = admitted(proxy.addr).await;
+        if one.is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(one.is_some(), "the one place came back");
+    assert!(admitted(proxy.addr).await.is_none(), "and only one");
+
+    // Raised again: room at once, while the one is still held.
+    config.server.max_connections = 2;
+    reloader.reload(config).await.expect("reload");
+    assert!(admitted(proxy.addr).await.is_some());
+    drop(one);
+    proxy.stop().await;
+}

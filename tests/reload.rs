@@ -290,6 +290,19 @@ async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config(
     assert!(gauge(&http_get(stats, "/metrics").await).ends_with(" 1"));
     let status = pool_stats(stats).await;
     assert_eq!(status["config"]["server"]["max_connections"], 500);
+
+    // The stats token reloads too: required from the next request on, never logged.
+    let locked = format!("{good}stats_api_token = \"tok-4a7c\"\n");
+    let line = reload(&mut daemon, &locked, "config reloaded");
+    assert!(line.contains("sessions.stats_api_token") && !line.contains("tok-4a7c"), "{line}");
+    assert!(http_get(stats, "/metrics").await.starts_with("HTTP/1.1 401"));
+    let mut stream = TcpStream::connect(stats).await.expect("connect stats");
+    let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer tok-4a7c\r\n\
+                   Connection: close\r\n\r\n";
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.expect("response");
+    assert!(response.starts_with("HTTP/1.1 200") && gauge(&response).ends_with(" 1"), "{response}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -373,4 +386,21 @@ async fn a_hundred_reloads_under_traffic_lose_nothing_and_leak_no_descriptor() {
     }
     eprintln!("descriptors: {baseline} before, {now_open} after");
     assert_eq!(now_open, baseline, "descriptors leaked across 100 reloads");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logging_level_follows_a_reload() {
+    let echo = common::EchoServer::start().await;
+    let base = "[server]\nbind_port = 0\n[logging]\nlevel = \"info\"\n";
+    let mut daemon = Daemon::start(base);
+    let (mut stream, _) = common::connect(daemon.addr, echo.addr.into()).await;
+    assert_eq!(common::round_trip(&mut stream, b"1").await, b"1");
+    drop(stream);
+    let line = reload(&mut daemon, &base.replace("\"info\"", "\"debug\""), "config reloaded");
+    assert!(line.contains("logging.level"), "{line}");
+    // Nothing at debug came before the reload; a session now logs its connect at debug.
+    let (mut stream, _) = common::connect(daemon.addr, echo.addr.into()).await;
+    assert_eq!(common::round_trip(&mut stream, b"2").await, b"2");
+    let line = daemon.await_log("connected");
+    assert!(line.contains("DEBUG"), "{line}");
 }
