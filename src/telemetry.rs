@@ -125,7 +125,11 @@ impl Telemetry {
         Telemetry {
             inner: Some(Arc::new(Mutex::new(Ring {
                 enabled,
-                events: VecDeque::with_capacity(if enabled { config.max_events.min(4096) } else { 0 }),
+                events: VecDeque::with_capacity(if enabled {
+                    config.max_events.min(4096)
+                } else {
+                    0
+                }),
                 max_events: config.max_events.max(1),
                 retention: Duration::from_secs(config.retention_hours.saturating_mul(3600)),
                 recorded: 0,

@@ -57,11 +57,7 @@ impl Upstreams {
     async fn await_open(&mut self, count: usize) {
         let waited = tokio::time::timeout(PATIENCE, self.open.wait_for(|n| *n == count));
         let reached = matches!(waited.await, Ok(Ok(_)));
-        assert!(
-            reached,
-            "{} open at the upstreams, not {count}",
-            *self.open.borrow()
-        );
+        assert!(reached, "{} open at the upstreams, not {count}", *self.open.borrow());
     }
 }
 
@@ -102,7 +98,10 @@ fn options(max_idle_per_dest: usize, max_total_idle: usize, refill: RefillMode) 
     options
 }
 
-async fn wait_budget(budget: &mut watch::Receiver<BudgetStats>, done: impl FnMut(&BudgetStats) -> bool) {
+async fn wait_budget(
+    budget: &mut watch::Receiver<BudgetStats>,
+    done: impl FnMut(&BudgetStats) -> bool,
+) {
     let reached = matches!(tokio::time::timeout(PATIENCE, budget.wait_for(done)).await, Ok(Ok(_)));
     assert!(reached, "budget never got there: {:?}", *budget.borrow());
 }
@@ -122,14 +121,15 @@ async fn lowering_max_total_idle_evicts_down_to_it_with_reservations_in_flight()
     let held: Vec<SocketAddr> = upstreams.addrs[30..40].to_vec();
     dialer.held.lock().expect("lock").extend(held.iter().map(|a| TargetAddr::Ip(*a)));
     // (Every dial to those waits for the gate.)
-    let pool = Pool::spawn(options(1, 40, RefillMode::Replace), dialer.clone(), Telemetry::disabled())
-        .await
-        .expect("pool");
+    let pool =
+        Pool::spawn(options(1, 40, RefillMode::Replace), dialer.clone(), Telemetry::disabled())
+            .await
+            .expect("pool");
     let mut budget = pool.watch_budget().await.expect("watch budget");
 
     // 30 destinations with a spare each, then 10 whose dials hang (the sessions' own and the
     // background ones): 10 slots reserved for dials in flight.
-    for addr in upstreams.addrs[..30].to_vec() {
+    for addr in upstreams.addrs[..30].iter().copied() {
         session(&pool, addr).await;
     }
     upstreams.await_open(30).await;
@@ -177,7 +177,8 @@ async fn lowering_max_total_idle_evicts_down_to_it_with_reservations_in_flight()
     for session in waiting {
         session.await.expect("held session");
     }
-    let (seen, over) = tokio::time::timeout(PATIENCE, watcher).await.expect("watcher").expect("task");
+    let (seen, over) =
+        tokio::time::timeout(PATIENCE, watcher).await.expect("watcher").expect("task");
     assert!(over.is_empty(), "over the limit: {over:?}");
     assert!(seen > 0);
     upstreams.await_open(10).await;
@@ -209,9 +210,13 @@ async fn spares_by_return(pool: &Pool, target: &TargetAddr, count: usize) {
 async fn a_lower_per_destination_limit_trims_the_oldest_spares() {
     let mut upstreams = Upstreams::start(1).await;
     let target = TargetAddr::Ip(upstreams.addrs[0]);
-    let pool = Pool::spawn(options(4, 100, RefillMode::Off), Arc::new(TcpDialer::new()), Telemetry::disabled())
-        .await
-        .expect("pool");
+    let pool = Pool::spawn(
+        options(4, 100, RefillMode::Off),
+        Arc::new(TcpDialer::new()),
+        Telemetry::disabled(),
+    )
+    .await
+    .expect("pool");
     spares_by_return(&pool, &target, 4).await;
     upstreams.await_open(4).await;
 

@@ -230,7 +230,8 @@ async fn lowering_max_total_idle_from_100_to_10_leaves_exactly_10_spares() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config() {
     let mut echo = common::EchoServer::start().await;
-    let base = "[server]\nbind_port = 0\n[sessions]\nstats_api_enabled = true\nstats_api_port = 0\n";
+    let base =
+        "[server]\nbind_port = 0\n[sessions]\nstats_api_enabled = true\nstats_api_port = 0\n";
     let mut daemon = Daemon::start(base);
     let stats = stats_addr(&mut daemon);
     let gauge = |metrics: &str| {
@@ -361,7 +362,10 @@ async fn a_hundred_reloads_under_traffic_lose_nothing_and_leak_no_descriptor() {
         took_ms.extend(ms);
     }
     for stream in &mut held {
-        assert_eq!(common::round_trip(stream, b"held through 100 reloads").await, b"held through 100 reloads");
+        assert_eq!(
+            common::round_trip(stream, b"held through 100 reloads").await,
+            b"held through 100 reloads"
+        );
     }
     drop(held);
     stop.store(true, Ordering::Relaxed);

@@ -148,7 +148,8 @@ mod tests {
     #[test]
     fn the_hash_ignores_layout_and_defaults_written_out() {
         let terse = parse("[server]\nbind_port = 1080\n");
-        let spelled = parse("# comment\n[server]\nbind_address = \"127.0.0.1\"\nbind_port = 1080\n");
+        let spelled =
+            parse("# comment\n[server]\nbind_address = \"127.0.0.1\"\nbind_port = 1080\n");
         assert_eq!(config_hash(&terse), config_hash(&spelled));
         assert_eq!(config_hash(&terse), config_hash(&Config::default()));
         assert_eq!(config_hash(&terse).len(), 64);

@@ -331,9 +331,7 @@ impl Scan<'_> {
                 return Err(self.unknown(section.name, name, child_offset, &known));
             };
             let rows: Vec<&dyn TableLike> = match child {
-                Item::ArrayOfTables(tables) => {
-                    tables.iter().map(|t| t as &dyn TableLike).collect()
-                }
+                Item::ArrayOfTables(tables) => tables.iter().map(|t| t as &dyn TableLike).collect(),
                 other => other.as_table_like().into_iter().collect(),
             };
             for row in rows {

@@ -80,10 +80,16 @@ pub fn summary(config: &Config) -> String {
             "off".to_string()
         },
     );
-    line("logging", format!("{}, {:?}", config.logging.level, config.logging.format).to_lowercase());
+    line(
+        "logging",
+        format!("{}, {:?}", config.logging.level, config.logging.format).to_lowercase(),
+    );
     line("config hash", config_hash(config));
     if !config.rustsocks.is_empty() {
-        line("not used", format!("{} (RustSocks; accepted, not used)", config.rustsocks.accepted.join(", ")));
+        line(
+            "not used",
+            format!("{} (RustSocks; accepted, not used)", config.rustsocks.accepted.join(", ")),
+        );
     }
     out
 }
@@ -102,7 +108,8 @@ mod tests {
         )
         .expect("valid");
         let text = summary(&config);
-        for expected in ["127.0.0.1:1080", "1 user(s)", "0 rule(s)", "on: 4 spares", "token required"]
+        for expected in
+            ["127.0.0.1:1080", "1 user(s)", "0 rule(s)", "on: 4 spares", "token required"]
         {
             assert!(text.contains(expected), "{expected:?} in\n{text}");
         }

@@ -175,10 +175,7 @@ impl Pool {
         let target_owned = target.clone();
         match self
             .directory
-            .call(
-                |reply| DirectoryMsg::Acquire(target_owned, reply),
-                Some(checkout_timeout),
-            )
+            .call(|reply| DirectoryMsg::Acquire(target_owned, reply), Some(checkout_timeout))
             .await
         {
             Ok(CallResult::Success(checkout)) => Ok(checkout),

@@ -588,8 +588,7 @@ impl ManagerState {
         };
         let port_excluded = self.options.exclude_ports.iter().any(|range| range.contains(port));
         // A name learned to land on an excluded network is learned again under new lists.
-        self.excluded =
-            port_excluded || literal_excluded || (self.excluded && !exclusions_changed);
+        self.excluded = port_excluded || literal_excluded || (self.excluded && !exclusions_changed);
         let mut index = 0;
         while index < self.idle.len() {
             let stream = self.idle[index].stream();

@@ -200,7 +200,8 @@ impl Server {
             injected: self.injected.then(|| self.connector.clone()),
             log_level: self.log_level.take(),
         };
-        let reloads = self.reload_requests.take().map(|requests| tokio::spawn(runtime.serve(requests)));
+        let reloads =
+            self.reload_requests.take().map(|requests| tokio::spawn(runtime.serve(requests)));
         let tracker = TaskTracker::new();
         let cut = CancellationToken::new();
         let stop = CancellationToken::new();

@@ -28,8 +28,8 @@ use super::handler::HandlerContext;
 use super::limit::ConnectionLimit;
 use super::metrics::ServerMetrics;
 use crate::access::{AccessPolicy, SharedPolicy};
-use crate::logsafe::Escaped;
 use crate::config::{changed_keys, is_reloadable, Config, LiveConfig};
+use crate::logsafe::Escaped;
 use crate::pool::{Pool, PoolOptions};
 use crate::stats::LivePool;
 use crate::telemetry::Telemetry;
@@ -180,7 +180,8 @@ impl Runtime {
         let new_pool = match (&old_pool, new.server.pool.enabled) {
             (Some(pool), true) => Some(pool.clone()),
             (None, true) => {
-                let spawned = Pool::spawn(options.clone(), self.dialer.clone(), self.telemetry.clone());
+                let spawned =
+                    Pool::spawn(options.clone(), self.dialer.clone(), self.telemetry.clone());
                 match spawned.await {
                     Ok(pool) => Some(pool),
                     Err(e) => return Err(self.refuse(ReloadError::Pool(e.to_string()))),
@@ -234,11 +235,7 @@ impl Runtime {
         } else {
             info!(origin, changed = %changed.join(", "), took_ms, "config reloaded");
         }
-        self.telemetry.info(
-            CATEGORY_CONFIG,
-            "config reloaded",
-            vec![("changed", json!(changed))],
-        );
+        self.telemetry.info(CATEGORY_CONFIG, "config reloaded", vec![("changed", json!(changed))]);
         Ok(ReloadReport { changed })
     }
 }
