@@ -21,6 +21,13 @@ pub const DEFAULT_SESSION_IDLE_TIMEOUT_SECS: u64 = 3_600;
 /// tries, and a client never waits longer than this for its reply, whatever DNS returned.
 pub const DEFAULT_CONNECT_PHASE_TIMEOUT_MS: u64 = 10_000;
 
+/// PROXY protocol headers are off: the socket's peer is the client.
+pub const DEFAULT_PROXY_PROTOCOL: bool = false;
+/// Who may send a PROXY protocol header when it is on: loopback only (a balancer on this host).
+pub const DEFAULT_PROXY_PROTOCOL_TRUSTED: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// One process per port unless asked for.
+pub const DEFAULT_REUSE_PORT: bool = false;
+
 pub const DEFAULT_DNS_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_DNS_CACHE_MAX_TTL_SECS: u64 = 60;
 
@@ -47,6 +54,13 @@ pub struct ServerConfig {
     pub session_idle_timeout_secs: u64,
     /// Limit on the whole connect phase of a CONNECT: resolution and every address tried.
     pub connect_phase_timeout_ms: u64,
+    /// Every client connection starts with a PROXY protocol header (v1 or v2) from a balancer;
+    /// the address in it is the client from then on.
+    pub proxy_protocol: bool,
+    /// Sources allowed to send that header; a connection from anywhere else is closed.
+    pub proxy_protocol_trusted: Vec<IpNet>,
+    /// Bind the SOCKS listener with SO_REUSEPORT, so several processes can share the port.
+    pub reuse_port: bool,
     pub dns: DnsConfig,
     pub pool: PoolConfig,
 }
@@ -62,10 +76,18 @@ impl Default for ServerConfig {
             allow_open_proxy: false,
             session_idle_timeout_secs: DEFAULT_SESSION_IDLE_TIMEOUT_SECS,
             connect_phase_timeout_ms: DEFAULT_CONNECT_PHASE_TIMEOUT_MS,
+            proxy_protocol: DEFAULT_PROXY_PROTOCOL,
+            proxy_protocol_trusted: default_proxy_protocol_trusted(),
+            reuse_port: DEFAULT_REUSE_PORT,
             dns: DnsConfig::default(),
             pool: PoolConfig::default(),
         }
     }
+}
+
+/// [`DEFAULT_PROXY_PROTOCOL_TRUSTED`] as networks.
+pub fn default_proxy_protocol_trusted() -> Vec<IpNet> {
+    DEFAULT_PROXY_PROTOCOL_TRUSTED.iter().filter_map(|net| net.parse().ok()).collect()
 }
 
 impl ServerConfig {

@@ -82,6 +82,13 @@ pub(super) async fn accept_loop(
                 if let Some(rejected) = rejections.end() {
                     warn!(rejected, "below max_connections again");
                 }
+                // With the PROXY protocol the socket's peer is the balancer (`via`); the handler
+                // records the client named by the header as `peer` once it has read it.
+                let span = if ctx.proxy_protocol.is_some() {
+                    info_span!("client", peer = tracing::field::Empty, via = %peer)
+                } else {
+                    info_span!("client", %peer)
+                };
                 let ctx = ctx.clone();
                 let cut = cut.clone();
                 tracker.spawn(
@@ -89,7 +96,7 @@ pub(super) async fn accept_loop(
                         handler::serve(ctx, client, peer, cut).await;
                         drop(permit);
                     }
-                    .instrument(info_span!("client", %peer)),
+                    .instrument(span),
                 );
             }
             Err(e) if is_per_connection(&e) => continue,
