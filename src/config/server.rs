@@ -13,6 +13,8 @@ pub const DEFAULT_BIND_PORT: u16 = 1080;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// The listener closes as soon as shutdown starts unless asked to wait.
+pub const DEFAULT_SHUTDOWN_DELAY_MS: u64 = 0;
 /// Envoy's TCP proxy default (1 hour): long enough for any interactive session that is only
 /// quiet (an ssh shell, a database connection between queries), short enough that a session
 /// whose peers both vanished without a FIN or RST gives its slot back the same hour.
@@ -48,6 +50,10 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// How long relays may drain after SIGINT/SIGTERM before they are cut.
     pub shutdown_grace_secs: u64,
+    /// After SIGINT/SIGTERM, how long the listener keeps accepting (with `/health` already
+    /// answering 503) before it closes, so a balancer's health check takes the instance out
+    /// first.
+    pub shutdown_delay_ms: u64,
     /// Listening beyond loopback without authentication makes an open proxy; it must be asked for.
     pub allow_open_proxy: bool,
     /// A session in which no byte moved either way for this long is closed.
@@ -73,6 +79,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            shutdown_delay_ms: DEFAULT_SHUTDOWN_DELAY_MS,
             allow_open_proxy: false,
             session_idle_timeout_secs: DEFAULT_SESSION_IDLE_TIMEOUT_SECS,
             connect_phase_timeout_ms: DEFAULT_CONNECT_PHASE_TIMEOUT_MS,
@@ -105,6 +112,10 @@ impl ServerConfig {
 
     pub fn connect_phase_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_phase_timeout_ms)
+    }
+
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

@@ -172,6 +172,14 @@ impl Server {
                     // /health answers 503 from this moment on, before anything else happens,
                     // so a load balancer's health check takes the instance out while it drains.
                     self.readiness.set_listening(false);
+                    let delay = server.shutdown_delay();
+                    if !delay.is_zero() {
+                        info!(?delay, "shutting down: /health answers 503; still accepting until the delay ends");
+                        tokio::select! {
+                            _ = &mut accepting => {}
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
                     stop.cancel();
                 }
             }

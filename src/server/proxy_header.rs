@@ -85,15 +85,21 @@ pub fn is_trusted(trusted: &[IpNet], peer: IpAddr) -> bool {
 pub async fn read_header<R: AsyncRead + Unpin>(
     stream: &mut R,
 ) -> Result<ProxiedSource, ProxyHeaderError> {
+    let v1_prefix = v1::PROTOCOL_PREFIX.as_bytes();
+    let v2_prefix = &v2::PROTOCOL_PREFIX[..PROBE_LENGTH];
+    // A byte at a time, so a client that skipped the balancer (a 3-byte SOCKS greeting, then
+    // silence) is refused at its first byte instead of waiting out the timeout.
     let mut buf = Vec::with_capacity(V2_FIXED_LENGTH);
-    buf.resize(PROBE_LENGTH, 0);
-    stream.read_exact(&mut buf).await?;
-    if buf.as_slice() == v1::PROTOCOL_PREFIX.as_bytes() {
+    while buf.len() < PROBE_LENGTH {
+        buf.push(stream.read_u8().await?);
+        if !v1_prefix.starts_with(&buf) && !v2_prefix.starts_with(&buf) {
+            return Err(ProxyHeaderError::Missing);
+        }
+    }
+    if buf.as_slice() == v1_prefix {
         read_v1(stream, buf).await
-    } else if buf.as_slice() == &v2::PROTOCOL_PREFIX[..PROBE_LENGTH] {
-        read_v2(stream, buf).await
     } else {
-        Err(ProxyHeaderError::Missing)
+        read_v2(stream, buf).await
     }
 }
 
@@ -267,6 +273,15 @@ mod tests {
                 .build()
                 .unwrap();
         assert_eq!(parse(&local, b"").await.0.unwrap(), ProxiedSource::Local);
+    }
+
+    #[tokio::test]
+    async fn a_client_without_a_header_is_refused_at_its_first_byte() {
+        let (mut near, mut far) = tcp_pair().await;
+        near.write_all(&[5, 1, 0]).await.unwrap(); // a SOCKS greeting, then waiting for an answer
+        let read = tokio::time::timeout(Duration::from_secs(10), read_header(&mut far)).await;
+        assert!(matches!(read, Ok(Err(ProxyHeaderError::Missing))), "{read:?}");
+        drop(near);
     }
 
     #[tokio::test]
