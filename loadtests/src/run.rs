@@ -107,9 +107,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub upstream_stats: Vec<String>,
     /// An HTTP URL path on loopback to sample once a second while running, e.g.
-    /// 127.0.0.1:9090/api/pool/stats (the proxy's stats endpoint).
+    /// 127.0.0.1:9090/api/pool/stats (the proxy's stats endpoint). Repeatable (one per
+    /// instance of a fleet): each sample then carries the URL it came from as `sampled_url`.
     #[arg(long)]
-    pub sample_url: Option<String>,
+    pub sample_url: Vec<String>,
     /// Keep sampling --sample-url this many seconds after the load stops (cold destinations
     /// should be pruned); those samples are recorded apart.
     #[arg(long, default_value_t = 0.0)]
@@ -183,7 +184,12 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let label = args.record.label.clone();
     let progress = tokio::spawn(progress(label, shared.clone(), t0, end));
     let linger = Duration::from_secs_f64(args.linger.max(0.0));
-    let sampler = args.sample_url.clone().map(|url| tokio::spawn(sample(url, end, linger)));
+    let several = args.sample_url.len() > 1;
+    let samplers: Vec<_> = args
+        .sample_url
+        .iter()
+        .map(|url| (url.clone(), tokio::spawn(sample(url.clone(), end, linger))))
+        .collect();
 
     tokio::time::sleep_until(measure_from.into()).await;
     let before = upstream_counts(&upstream_addrs).await;
@@ -206,10 +212,19 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let elapsed = measure_started.elapsed().as_secs_f64();
     let after = upstream_counts(&upstream_addrs).await;
     progress.abort();
-    let (stats_samples, stats_after) = match sampler {
-        Some(handle) => handle.await.unwrap_or_default(),
-        None => (Vec::new(), Vec::new()),
-    };
+    let (mut stats_samples, mut stats_after) = (Vec::new(), Vec::new());
+    for (url, handle) in samplers {
+        let (mut during, mut after) = handle.await.unwrap_or_default();
+        if several {
+            for sample in during.iter_mut().chain(after.iter_mut()) {
+                if let Some(object) = sample.as_object_mut() {
+                    object.insert("sampled_url".into(), url.clone().into());
+                }
+            }
+        }
+        stats_samples.append(&mut during);
+        stats_after.append(&mut after);
+    }
 
     let upstream = match (before, after) {
         (Some(b), Some(a)) => Some(UpstreamCounts {
