@@ -141,6 +141,9 @@ impl Config {
                 ),
             ));
         }
+        if pool.max_destinations == 0 {
+            return Err(invalid("server.pool.max_destinations", "must be at least 1"));
+        }
         if pool.enabled && pool.max_idle_per_dest == 0 {
             return Err(invalid(
                 "server.pool.max_idle_per_dest",

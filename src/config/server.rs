@@ -38,6 +38,8 @@ pub const DEFAULT_MAX_IDLE_PER_DEST: usize = 4;
 pub const DEFAULT_MAX_TOTAL_IDLE: usize = 100;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 90;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// About 100 MiB of per-destination state at most, however many names clients send.
+pub const DEFAULT_MAX_DESTINATIONS: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -141,6 +143,8 @@ pub struct PoolConfig {
     pub exclude_ports: Vec<PortRange>,
     /// Destination networks that never get spares.
     pub exclude_networks: Vec<IpNet>,
+    /// Destinations the pool tracks at most; the least recently active is forgotten first.
+    pub max_destinations: usize,
 }
 
 impl Default for PoolConfig {
@@ -153,6 +157,7 @@ impl Default for PoolConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             exclude_ports: Vec::new(),
             exclude_networks: Vec::new(),
+            max_destinations: DEFAULT_MAX_DESTINATIONS,
         }
     }
 }

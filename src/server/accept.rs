@@ -12,9 +12,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
 use super::handler::{self, HandlerContext};
+use crate::throttle::Throttle;
 
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one "max_connections reached" line per this long: at the limit, every client that
+/// arrives while a slot is taken is a rejection, and churn around the limit would otherwise
+/// log two lines per client.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counts a run of failures so a burst is logged once at its start and once at its end,
 /// never once per failure (a flood of EMFILE must not become a flood of log lines).
@@ -57,7 +62,7 @@ struct Admission<'a> {
     ctx: Arc<HandlerContext>,
     tracker: &'a TaskTracker,
     cut: &'a CancellationToken,
-    rejections: Burst,
+    rejections: Throttle,
 }
 
 impl Admission<'_> {
@@ -66,15 +71,15 @@ impl Admission<'_> {
     fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
         let Ok(permit) = self.limit.clone().try_acquire_owned() else {
             self.ctx.metrics.rejected_over_limit();
-            if self.rejections.fail() {
-                warn!(%peer, "max_connections reached: closing new clients until a slot frees");
+            if let Some(held_back) = self.rejections.allow(tokio::time::Instant::now()) {
+                warn!(
+                    rejected_since_last_report = held_back,
+                    "max_connections reached: closing new clients until a slot frees"
+                );
             }
             drop(client);
             return;
         };
-        if let Some(rejected) = self.rejections.end() {
-            warn!(rejected, "below max_connections again");
-        }
         // With the PROXY protocol the socket's peer is the balancer (`via`); the handler
         // records the client named by the header as `peer` once it has read it.
         let span = if self.ctx.proxy_protocol.is_some() {
@@ -107,7 +112,8 @@ pub(super) async fn accept_loop(
     cut: &CancellationToken,
     stop: &CancellationToken,
 ) {
-    let mut admission = Admission { limit, ctx, tracker, cut, rejections: Burst::default() };
+    let mut admission =
+        Admission { limit, ctx, tracker, cut, rejections: Throttle::new(REJECTION_LOG_INTERVAL) };
     let mut errors = Burst::default();
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {

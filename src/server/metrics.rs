@@ -4,8 +4,11 @@
 //! Plain atomics: these are independent tallies read by the stats endpoint, not pool state.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde::Serialize;
+
+use super::auth::{AuthCounters, AuthCountersSnapshot};
 
 #[derive(Debug, Default)]
 pub struct ServerMetrics {
@@ -17,6 +20,7 @@ pub struct ServerMetrics {
     rejected_over_limit: AtomicU64,
     proxy_untrusted: AtomicU64,
     proxy_header_invalid: AtomicU64,
+    auth: Arc<AuthCounters>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub struct ServerMetricsSnapshot {
     pub proxy_untrusted: u64,
     /// PROXY protocol on: connections closed for a missing, invalid or late header.
     pub proxy_header_invalid: u64,
+    #[serde(flatten)]
+    pub auth: AuthCountersSnapshot,
 }
 
 impl ServerMetrics {
@@ -64,6 +70,11 @@ impl ServerMetrics {
         self.proxy_header_invalid.fetch_add(1, Relaxed);
     }
 
+    /// The login path's counters (shared with the `Authenticator`).
+    pub fn auth_counters(&self) -> Arc<AuthCounters> {
+        self.auth.clone()
+    }
+
     pub fn snapshot(&self) -> ServerMetricsSnapshot {
         ServerMetricsSnapshot {
             sessions_active: self.sessions_active.load(Relaxed),
@@ -74,6 +85,7 @@ impl ServerMetrics {
             rejected_over_limit: self.rejected_over_limit.load(Relaxed),
             proxy_untrusted: self.proxy_untrusted.load(Relaxed),
             proxy_header_invalid: self.proxy_header_invalid.load(Relaxed),
+            auth: self.auth.snapshot(),
         }
     }
 }

@@ -6,6 +6,8 @@ pub mod auth;
 mod copy;
 pub mod fd_limit;
 mod handler;
+pub mod login_limit;
+pub mod memory;
 pub mod metrics;
 pub mod proxy_header;
 pub mod relay;
@@ -149,7 +151,7 @@ impl Server {
         self.readiness.set_listening(true);
         let server = &self.config.server;
         let ctx = Arc::new(HandlerContext {
-            auth: Authenticator::from_config(&self.config.auth),
+            auth: Authenticator::with_counters(&self.config.auth, self.metrics.auth_counters()),
             access: self.access.clone(),
             connector: self.connector.clone(),
             handshake_timeout: server.handshake_timeout(),

@@ -32,6 +32,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
 }
@@ -98,6 +103,21 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "proxy_protocol_rejected",
         "Connections closed before SOCKS with the PROXY protocol on: source not trusted, or header missing, invalid or late",
         proxy_rejected,
+    );
+    let logins = Family::<OutcomeLabel, Counter>::default();
+    for (outcome, count) in [
+        ("accepted", server.auth.logins_accepted),
+        ("rejected", server.auth.logins_rejected),
+        ("rate_limited", server.auth.logins_rate_limited),
+    ] {
+        logins.get_or_create(&OutcomeLabel { outcome }).inc_by(count);
+    }
+    registry.register("logins", "RFC 1929 logins by outcome", logins);
+    counter(
+        &mut registry,
+        "argon2_checks",
+        "argon2 password checks run (real and decoy), at most 2 at once",
+        server.auth.argon2_checks,
     );
     let (held, recorded) = ctx.telemetry.counts();
     gauge(&mut registry, "telemetry_events_held", "Telemetry events held now", held as u64);
