@@ -8,7 +8,7 @@
 #   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
 #
 # Scenarios: distant-10ms, distant-50ms, requests-per-session, fast-local, bulk, idle-sessions,
-# many-destinations. The distant ones need root and /dev/net/tun (a TUN delay line into a network
+# many-destinations, fleet (loadtests/fleet.sh: several instances behind HAProxy, Prometheus). The distant ones need root and /dev/net/tun (a TUN delay line into a network
 # namespace); they are skipped with a message where that is not possible. Traffic goes only to
 # loopback and to 198.18.0.0/15 inside the namespace. Every process started here is stopped on
 # exit, and each has its own time limit as well.
@@ -374,6 +374,15 @@ if wanted many-destinations; then
     --warmup "$WARMUP" -n 1 --upstream-stats 127.0.0.1:12000
   report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running (a sum of per-destination views read one after another); \"budget high water\" is the most slots the GlobalBudget ever held at once (reserved, lent, pooled or evicting), its own exact record; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
   stop_pid "$UPSTREAM_PID"
+fi
+
+if wanted fleet; then
+  # 1, 2 and 3 instances behind HAProxy with a Prometheus scraping them (loadtests/fleet.sh, its
+  # own delay line and ports 14200-14221). It restores the sysctls it changes on its own exit.
+  fleet_args=(--out "$OUT" --rounds "$ROUNDS")
+  [ "$SMOKE" = 1 ] && fleet_args+=(--smoke)
+  say "fleet: bash loadtests/fleet.sh ${fleet_args[*]}"
+  bash "$LT/fleet.sh" "${fleet_args[@]}" || FAILED+=("fleet")
 fi
 
 say "scenario 7 (actor overhead) is a benchmark of the pool library, not part of this script"

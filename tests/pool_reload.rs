@@ -302,6 +302,27 @@ async fn turning_the_pool_off_closes_every_spare_and_on_starts_one() {
     moved.server.pool.max_total_idle = 5;
     let refused = reloader.reload(moved).await.expect_err("refused");
     assert_eq!(refused.to_string().split(' ').next(), Some("server.bind_port"));
+    for (key, change) in [
+        ("server.proxy_protocol, server.proxy_protocol_trusted", {
+            let mut c = config.clone();
+            c.server.proxy_protocol = true;
+            c.server.proxy_protocol_trusted = vec!["10.0.0.5/32".parse().expect("net")];
+            c
+        }),
+        ("server.reuse_port", {
+            let mut c = config.clone();
+            c.server.reuse_port = true;
+            c
+        }),
+        ("sessions.stats_api_port", {
+            let mut c = config.clone();
+            c.sessions.stats_api_port = 9999;
+            c
+        }),
+    ] {
+        let refused = reloader.reload(change).await.expect_err("refused");
+        assert!(refused.to_string().starts_with(&format!("{key} changed")), "{refused}");
+    }
     proxy.stop().await;
     upstreams.await_open(0).await;
 }

@@ -20,6 +20,7 @@ pub const RELOADABLE_KEYS: &[&str] = &[
     "server.max_connections",
     "server.handshake_timeout_ms",
     "server.shutdown_grace_secs",
+    "server.shutdown_delay_ms",
     "server.allow_open_proxy",
     "server.session_idle_timeout_secs",
     "server.connect_phase_timeout_ms",
@@ -163,7 +164,10 @@ mod tests {
         assert!(!is_reloadable("server.bind_port"));
         assert!(!is_reloadable("sessions.stats_api_port"));
         assert!(!is_reloadable("server.pool_size"), "a prefix is a whole segment");
-        assert!(!is_reloadable("server.proxy_protocol"), "unknown keys need a restart");
+        assert!(!is_reloadable("server.proxy_protocol"), "a new socket's worth: restart");
+        assert!(!is_reloadable("server.proxy_protocol_trusted"));
+        assert!(!is_reloadable("server.reuse_port"));
+        assert!(!is_reloadable("server.some_future_key"), "unknown keys need a restart");
         assert!(!is_reloadable("logging.format"));
     }
 }

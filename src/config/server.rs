@@ -13,6 +13,8 @@ pub const DEFAULT_BIND_PORT: u16 = 1080;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// The listener closes as soon as shutdown starts unless asked to wait.
+pub const DEFAULT_SHUTDOWN_DELAY_MS: u64 = 0;
 /// Envoy's TCP proxy default (1 hour): long enough for any interactive session that is only
 /// quiet (an ssh shell, a database connection between queries), short enough that a session
 /// whose peers both vanished without a FIN or RST gives its slot back the same hour.
@@ -20,6 +22,13 @@ pub const DEFAULT_SESSION_IDLE_TIMEOUT_SECS: u64 = 3_600;
 /// Twice the per-address connect timeout: a name with several dead addresses gets two full
 /// tries, and a client never waits longer than this for its reply, whatever DNS returned.
 pub const DEFAULT_CONNECT_PHASE_TIMEOUT_MS: u64 = 10_000;
+
+/// PROXY protocol headers are off: the socket's peer is the client.
+pub const DEFAULT_PROXY_PROTOCOL: bool = false;
+/// Who may send a PROXY protocol header when it is on: loopback only (a balancer on this host).
+pub const DEFAULT_PROXY_PROTOCOL_TRUSTED: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// One process per port unless asked for.
+pub const DEFAULT_REUSE_PORT: bool = false;
 
 pub const DEFAULT_DNS_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_DNS_CACHE_MAX_TTL_SECS: u64 = 60;
@@ -43,12 +52,23 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// How long relays may drain after SIGINT/SIGTERM before they are cut.
     pub shutdown_grace_secs: u64,
+    /// After SIGINT/SIGTERM, how long the listener keeps accepting (with `/health` already
+    /// answering 503) before it closes, so a balancer's health check takes the instance out
+    /// first.
+    pub shutdown_delay_ms: u64,
     /// Listening beyond loopback without authentication makes an open proxy; it must be asked for.
     pub allow_open_proxy: bool,
     /// A session in which no byte moved either way for this long is closed.
     pub session_idle_timeout_secs: u64,
     /// Limit on the whole connect phase of a CONNECT: resolution and every address tried.
     pub connect_phase_timeout_ms: u64,
+    /// Every client connection starts with a PROXY protocol header (v1 or v2) from a balancer;
+    /// the address in it is the client from then on.
+    pub proxy_protocol: bool,
+    /// Sources allowed to send that header; a connection from anywhere else is closed.
+    pub proxy_protocol_trusted: Vec<IpNet>,
+    /// Bind the SOCKS listener with SO_REUSEPORT, so several processes can share the port.
+    pub reuse_port: bool,
     pub dns: DnsConfig,
     pub pool: PoolConfig,
 }
@@ -61,13 +81,22 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            shutdown_delay_ms: DEFAULT_SHUTDOWN_DELAY_MS,
             allow_open_proxy: false,
             session_idle_timeout_secs: DEFAULT_SESSION_IDLE_TIMEOUT_SECS,
             connect_phase_timeout_ms: DEFAULT_CONNECT_PHASE_TIMEOUT_MS,
+            proxy_protocol: DEFAULT_PROXY_PROTOCOL,
+            proxy_protocol_trusted: default_proxy_protocol_trusted(),
+            reuse_port: DEFAULT_REUSE_PORT,
             dns: DnsConfig::default(),
             pool: PoolConfig::default(),
         }
     }
+}
+
+/// [`DEFAULT_PROXY_PROTOCOL_TRUSTED`] as networks.
+pub fn default_proxy_protocol_trusted() -> Vec<IpNet> {
+    DEFAULT_PROXY_PROTOCOL_TRUSTED.iter().filter_map(|net| net.parse().ok()).collect()
 }
 
 impl ServerConfig {
@@ -85,6 +114,10 @@ impl ServerConfig {
 
     pub fn connect_phase_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_phase_timeout_ms)
+    }
+
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {

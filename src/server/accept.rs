@@ -1,14 +1,15 @@
 //! The accept loop: admission against `max_connections`, and back-off on accept errors.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::handler::{self, HandlerContext};
 use super::limit::ConnectionLimit;
@@ -52,10 +53,60 @@ fn is_per_connection(error: &io::Error) -> bool {
     )
 }
 
+/// Most connections taken from the kernel's queue when the listener stops (its backlog is 1024):
+/// bounds the drain even if clients keep arriving faster than it runs.
+const BACKLOG_DRAIN_MAX: usize = 4096;
+
+/// What admitting one accepted connection needs: the limit, the handler's context, the task set.
+struct Admission<'a> {
+    limit: Arc<ConnectionLimit>,
+    /// Swapped by a reload; each client takes the one in force when it is accepted.
+    contexts: Arc<ArcSwap<HandlerContext>>,
+    tracker: &'a TaskTracker,
+    cut: &'a CancellationToken,
+    rejections: Throttle,
+}
+
+impl Admission<'_> {
+    /// Serves `client` in a task holding a permit of `limit`, or closes it at once when
+    /// `max_connections` are being served.
+    fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
+        let ctx = self.contexts.load_full();
+        let Some(permit) = self.limit.try_acquire() else {
+            ctx.metrics.rejected_over_limit();
+            if let Some(held_back) = self.rejections.allow(tokio::time::Instant::now()) {
+                warn!(
+                    rejected_since_last_report = held_back,
+                    "max_connections reached: closing new clients until a slot frees"
+                );
+            }
+            drop(client);
+            return;
+        };
+        // With the PROXY protocol the socket's peer is the balancer (`via`); the handler
+        // records the client named by the header as `peer` once it has read it.
+        let span = if ctx.proxy_protocol.is_some() {
+            info_span!("client", peer = tracing::field::Empty, via = %peer)
+        } else {
+            info_span!("client", %peer)
+        };
+        let cut = self.cut.clone();
+        self.tracker.spawn(
+            async move {
+                handler::serve(ctx, client, peer, cut).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// Accepts until `stop` fires. Each admitted client runs in a task on `tracker` holding a
 /// permit of `limit`; clients over the limit are accepted and closed at once rather than left
-/// waiting in the kernel backlog. Each client takes the context in force when it is accepted
-/// and keeps it to its end (a reload swaps `contexts` for the next clients).
+/// waiting in the kernel backlog. When `stop` fires, the connections already waiting in the
+/// kernel's accept queue are taken and served too: closing a listener resets them, and a load
+/// balancer that saw its connect succeed cannot send that client elsewhere. Each client keeps
+/// the context in force when it was accepted to its end (a reload swaps `contexts`).
 pub(super) async fn accept_loop(
     listener: &TcpListener,
     limit: Arc<ConnectionLimit>,
@@ -64,13 +115,19 @@ pub(super) async fn accept_loop(
     cut: &CancellationToken,
     stop: &CancellationToken,
 ) {
+    let mut admission = Admission {
+        limit,
+        contexts,
+        tracker,
+        cut,
+        rejections: Throttle::new(REJECTION_LOG_INTERVAL),
+    };
     let mut errors = Burst::default();
-    let mut rejections = Throttle::new(REJECTION_LOG_INTERVAL);
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         };
         match accepted {
             Ok((client, peer)) => {
@@ -78,26 +135,7 @@ pub(super) async fn accept_loop(
                     warn!(failures, "accepting again after a burst of accept errors");
                 }
                 backoff = ACCEPT_BACKOFF_START;
-                let ctx = contexts.load_full();
-                let Some(permit) = limit.try_acquire() else {
-                    ctx.metrics.rejected_over_limit();
-                    if let Some(held_back) = rejections.allow(tokio::time::Instant::now()) {
-                        warn!(
-                            rejected_since_last_report = held_back,
-                            "max_connections reached: closing new clients until a slot frees"
-                        );
-                    }
-                    drop(client);
-                    continue;
-                };
-                let cut = cut.clone();
-                tracker.spawn(
-                    async move {
-                        handler::serve(ctx, client, peer, cut).await;
-                        drop(permit);
-                    }
-                    .instrument(info_span!("client", %peer)),
-                );
+                admission.admit(client, peer);
             }
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
@@ -107,12 +145,39 @@ pub(super) async fn accept_loop(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break,
                 }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }
+    let drained = drain_backlog(listener, &mut admission);
+    if drained > 0 {
+        debug!(drained, "served the connections still queued when the listener stopped");
+    }
+}
+
+/// Accepts, without waiting, what the kernel has queued on `listener` right now. The accept
+/// is a plain non-blocking syscall on the socket (not tokio's readiness, which may not have
+/// seen the latest arrivals yet). Returns how many were taken.
+fn drain_backlog(listener: &TcpListener, admission: &mut Admission<'_>) -> usize {
+    let mut taken = 0;
+    while taken < BACKLOG_DRAIN_MAX {
+        let (socket, addr) = match socket2::SockRef::from(listener).accept() {
+            Ok(accepted) => accepted,
+            Err(e) if is_per_connection(&e) => continue,
+            // WouldBlock: the queue is empty; anything else: nothing more to take either.
+            Err(_) => break,
+        };
+        let Some(peer) = addr.as_socket() else { continue };
+        if socket.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let Ok(client) = TcpStream::from_std(std::net::TcpStream::from(socket)) else { continue };
+        taken += 1;
+        admission.admit(client, peer);
+    }
+    taken
 }
 
 #[cfg(test)]

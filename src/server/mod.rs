@@ -10,6 +10,7 @@ pub mod limit;
 pub mod login_limit;
 pub mod memory;
 pub mod metrics;
+pub mod proxy_header;
 pub mod relay;
 pub mod reload;
 
@@ -211,14 +212,27 @@ impl Server {
             tokio::pin!(accepting);
             tokio::select! {
                 _ = &mut accepting => {}
-                _ = shutdown => stop.cancel(),
+                _ = shutdown => {
+                    // /health answers 503 from this moment on, before anything else happens,
+                    // so a load balancer's health check takes the instance out while it drains.
+                    self.readiness.set_listening(false);
+                    let delay = live.current().server.shutdown_delay();
+                    if !delay.is_zero() {
+                        info!(?delay, "shutting down: /health answers 503; still accepting until the delay ends");
+                        tokio::select! {
+                            _ = &mut accepting => {}
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    stop.cancel();
+                }
             }
             accepting.await;
         }
-        // Closing the listener now makes new clients fail fast instead of queueing.
-        drop(listener);
-        // /health answers 503 while draining, so a load balancer stops sending clients here.
         self.readiness.set_listening(false);
+        // Closing the listener now makes new clients fail fast instead of queueing (with
+        // reuse_port, the kernel sends them to the other processes on the port).
+        drop(listener);
 
         tracker.close();
         let grace = live.current().server.shutdown_grace();
@@ -248,10 +262,38 @@ impl Server {
     }
 }
 
-/// Binds `config.server`'s address and serves until `shutdown`.
+/// The listen backlog: what tokio's own `TcpListener::bind` uses.
+#[cfg(unix)]
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds `config.server`'s address (with SO_REUSEPORT when `reuse_port`, so several processes
+/// can share the port and the kernel spreads new connections over them).
 pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
     let addr = config.server.bind_addr();
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+    let bound = if config.server.reuse_port {
+        bind_reuse_port(addr)
+    } else {
+        TcpListener::bind(addr).await
+    };
+    bound.map_err(|source| ServerError::Bind { addr, source })
+}
+
+#[cfg(unix)]
+fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(not(unix))]
+fn bind_reuse_port(_addr: SocketAddr) -> std::io::Result<TcpListener> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "SO_REUSEPORT needs Unix"))
 }
 
 /// Builds a server from `config` and runs it on `listener` until `shutdown` completes.

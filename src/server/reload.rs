@@ -133,6 +133,11 @@ pub(super) fn context(
         session_idle_timeout: config.server.session_idle_timeout(),
         metrics: metrics.clone(),
         telemetry: telemetry.clone(),
+        // Needs a restart to change (`server.proxy_protocol*` are not reloadable keys).
+        proxy_protocol: config
+            .server
+            .proxy_protocol
+            .then(|| config.server.proxy_protocol_trusted.clone()),
     }
 }
 

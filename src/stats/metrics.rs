@@ -27,6 +27,11 @@ struct DestinationLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
 }
@@ -86,6 +91,18 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "rejected_over_limit",
         "Clients closed at once because max_connections were being served",
         server.rejected_over_limit,
+    );
+    let proxy_rejected = Family::<ReasonLabel, Counter>::default();
+    for (reason, count) in [
+        ("untrusted_source", server.proxy_untrusted),
+        ("invalid_header", server.proxy_header_invalid),
+    ] {
+        proxy_rejected.get_or_create(&ReasonLabel { reason }).inc_by(count);
+    }
+    registry.register(
+        "proxy_protocol_rejected",
+        "Connections closed before SOCKS with the PROXY protocol on: source not trusted, or header missing, invalid or late",
+        proxy_rejected,
     );
     let logins = Family::<OutcomeLabel, Counter>::default();
     for (outcome, count) in [

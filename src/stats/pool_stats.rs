@@ -131,6 +131,10 @@ fn effective_config(config: &Config, telemetry_enabled: bool) -> Value {
             "max_connections": config.server.max_connections,
             "handshake_timeout_ms": config.server.handshake_timeout_ms,
             "shutdown_grace_secs": config.server.shutdown_grace_secs,
+            "shutdown_delay_ms": config.server.shutdown_delay_ms,
+            "proxy_protocol": config.server.proxy_protocol,
+            "proxy_protocol_trusted": config.server.proxy_protocol_trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "reuse_port": config.server.reuse_port,
         },
         "auth": {
             "socks_method": match config.auth.method() {

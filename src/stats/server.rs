@@ -133,7 +133,7 @@ async fn admit(
 }
 
 /// How long a newcomer waits for the slot of the connection closed for it.
-const EVICTION_WAIT: Duration = Duration::from_millis(100);
+const EVICTION_WAIT: Duration = Duration::from_secs(1);
 
 /// What the endpoint knows of each connection: whether it is waiting for a request head, and
 /// since when, and how to close it.

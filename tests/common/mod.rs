@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod dns;
+pub mod fleet;
 pub mod real;
 
 use std::net::SocketAddr;
