@@ -182,6 +182,7 @@ async fn lowering_max_total_idle_evicts_down_to_it_with_reservations_in_flight()
     assert!(over.is_empty(), "over the limit: {over:?}");
     assert!(seen > 0);
     upstreams.await_open(10).await;
+    wait_budget(&mut budget, |b| b.pooled == 10 && b.reserved == 0).await;
     let stats = pool.stats().await.expect("stats");
     assert_eq!(stats.total_idle, 10);
     assert_eq!(stats.budget.in_use(), 10);
@@ -222,8 +223,14 @@ async fn a_lower_per_destination_limit_trims_the_oldest_spares() {
 
     pool.reconfigure(options(1, 100, RefillMode::Off)).await.expect("reconfigure");
     upstreams.await_open(1).await;
-    let dest = pool.watch_destination(&target).await.expect("watch").borrow().clone();
+    // The upstream may see the last close a moment before the manager publishes it.
+    let mut view = pool.watch_destination(&target).await.expect("watch");
+    let waited = tokio::time::timeout(PATIENCE, view.wait_for(|d| d.idle == 1));
+    assert!(matches!(waited.await, Ok(Ok(_))));
+    let dest = view.borrow().clone();
     assert_eq!((dest.idle, dest.counters.trimmed), (1, 3), "{dest:?}");
+    let mut budget = pool.watch_budget().await.expect("watch budget");
+    wait_budget(&mut budget, |b| b.pooled == 1 && b.evicting == 0).await;
     let stats = pool.stats().await.expect("stats");
     assert_eq!((stats.total_idle, stats.budget.pooled), (1, 1));
     // The one kept is handed out as usual.
@@ -257,6 +264,11 @@ async fn spares_whose_peer_the_new_rules_deny_are_closed() {
     policy.store(Arc::new(AccessPolicy::from_config(&rules.access)));
     pool.reconfigure(options(4, 100, RefillMode::Off)).await.expect("reconfigure");
     upstreams.await_open(1).await;
+    let mut view = pool.watch_destination(&denied).await.expect("watch");
+    let waited = tokio::time::timeout(PATIENCE, view.wait_for(|d| d.idle == 0));
+    assert!(matches!(waited.await, Ok(Ok(_))));
+    let mut budget = pool.watch_budget().await.expect("watch budget");
+    wait_budget(&mut budget, |b| b.pooled == 1).await;
     let stats = pool.stats().await.expect("stats");
     assert_eq!((stats.total_idle, stats.closed_by_rules), (1, 2));
     assert_eq!(stats.budget.pooled, 1);

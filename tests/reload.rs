@@ -208,7 +208,10 @@ async fn lowering_max_total_idle_from_100_to_10_leaves_exactly_10_spares() {
     let line = reload(&mut daemon, &config(10), "config reloaded");
     assert!(line.contains("server.pool.max_total_idle"), "{line}");
     upstreams.await_open(10).await;
-    let after = pool_stats_when(stats, |s| s["budget"]["max_total_idle"] == 10).await;
+    let after = pool_stats_when(stats, |s| {
+        s["budget"]["max_total_idle"] == 10 && s["total_idle"] == 10 && s["budget"]["evicting"] == 0
+    })
+    .await;
     let budget = &after["budget"];
     assert_eq!(after["total_idle"], 10, "{budget}");
     assert_eq!(after["evicted"], 50, "{budget}");
