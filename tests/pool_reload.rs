@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::upstreams::Upstreams;
+
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -19,47 +21,10 @@ use poolsocks::telemetry::Telemetry;
 use poolsocks::upstream::{
     BoxFuture, ConnectError, Connector, DialLimits, Dialer, Origin, PolicyDialer, TcpDialer,
 };
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 const PATIENCE: Duration = Duration::from_secs(20);
-
-/// Upstreams that count the connections open at them (all of them together).
-struct Upstreams {
-    addrs: Vec<SocketAddr>,
-    open: watch::Receiver<usize>,
-}
-
-impl Upstreams {
-    async fn start(count: usize) -> Upstreams {
-        let (tx, open) = watch::channel(0usize);
-        let tx = Arc::new(tx);
-        let mut addrs = Vec::new();
-        for _ in 0..count {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            addrs.push(listener.local_addr().expect("addr"));
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                while let Ok((mut stream, _)) = listener.accept().await {
-                    tx.send_modify(|n| *n += 1);
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let (mut reader, mut writer) = stream.split();
-                        let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                        tx.send_modify(|n| *n -= 1);
-                    });
-                }
-            });
-        }
-        Upstreams { addrs, open }
-    }
-
-    async fn await_open(&mut self, count: usize) {
-        let waited = tokio::time::timeout(PATIENCE, self.open.wait_for(|n| *n == count));
-        let reached = matches!(waited.await, Ok(Ok(_)));
-        assert!(reached, "{} open at the upstreams, not {count}", *self.open.borrow());
-    }
-}
 
 /// Dials like `TcpDialer`, but dials to `held` destinations wait until the gate opens.
 struct GatedDialer {

@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::upstreams::Upstreams;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,14 +53,6 @@ async fn pool_stats(addr: SocketAddr) -> serde_json::Value {
     let response = http_get(addr, "/api/pool/stats").await;
     let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
     serde_json::from_str(body).unwrap_or_else(|e| panic!("stats JSON: {e}: {response}"))
-}
-
-fn stats_addr(daemon: &mut Daemon) -> SocketAddr {
-    let line = daemon.await_log("stats endpoint listening");
-    line.split_whitespace()
-        .find_map(|word| word.strip_prefix("addr="))
-        .and_then(|addr| addr.parse().ok())
-        .unwrap_or_else(|| panic!("no addr in {line:?}"))
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -144,43 +138,6 @@ async fn a_user_removed_by_a_reload_is_refused_and_one_added_is_accepted() {
     assert_eq!(common::round_trip(&mut alice, b"still here").await, b"still here");
 }
 
-/// Upstreams that count the connections open at them, whoever opened them.
-struct Upstreams {
-    addrs: Vec<SocketAddr>,
-    open: watch::Receiver<usize>,
-}
-
-impl Upstreams {
-    async fn start(count: usize) -> Upstreams {
-        let (open_tx, open) = watch::channel(0usize);
-        let open_tx = Arc::new(open_tx);
-        let mut addrs = Vec::new();
-        for _ in 0..count {
-            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
-            addrs.push(listener.local_addr().expect("addr"));
-            let open_tx = open_tx.clone();
-            tokio::spawn(async move {
-                while let Ok((mut stream, _)) = listener.accept().await {
-                    open_tx.send_modify(|n| *n += 1);
-                    let open_tx = open_tx.clone();
-                    tokio::spawn(async move {
-                        let (mut reader, mut writer) = stream.split();
-                        let _ = tokio::io::copy(&mut reader, &mut writer).await;
-                        open_tx.send_modify(|n| *n -= 1);
-                    });
-                }
-            });
-        }
-        Upstreams { addrs, open }
-    }
-
-    async fn await_open(&mut self, count: usize) {
-        let waited = tokio::time::timeout(EVENT_DEADLINE, self.open.wait_for(|n| *n == count));
-        let reached = matches!(waited.await, Ok(Ok(_)));
-        assert!(reached, "{} connections open at the upstreams, not {count}", *self.open.borrow());
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn lowering_max_total_idle_from_100_to_10_leaves_exactly_10_spares() {
     let mut upstreams = Upstreams::start(60).await;
@@ -192,7 +149,7 @@ async fn lowering_max_total_idle_from_100_to_10_leaves_exactly_10_spares() {
         )
     };
     let mut daemon = Daemon::start(&config(100));
-    let stats = stats_addr(&mut daemon);
+    let stats = daemon.await_stats_addr();
     // A destination gets a manager on its second checkout, and a spare after that miss.
     for addr in upstreams.addrs.clone() {
         for _ in 0..2 {
@@ -236,7 +193,7 @@ async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config(
     let base =
         "[server]\nbind_port = 0\n[sessions]\nstats_api_enabled = true\nstats_api_port = 0\n";
     let mut daemon = Daemon::start(base);
-    let stats = stats_addr(&mut daemon);
+    let stats = daemon.await_stats_addr();
     let gauge = |metrics: &str| {
         metrics
             .lines()

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod dns;
 pub mod fleet;
 pub mod real;
+pub mod upstreams;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
