@@ -223,7 +223,8 @@ measure() {
       if [ "$mode" = hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi
       # The pool's own counters (poolsocks, fixedpool), sampled once a second unless the
       # scenario asks for more often (idle total, hits, misses, first sightings).
-      if [ "$mode" = run ] && [ -n "${STATS_PORT[$cfg]:-}" ]; then
+      # Not while strace counts: serving the samples would add the stats endpoint's syscalls.
+      if [ "$mode" = run ] && [ -n "${STATS_PORT[$cfg]:-}" ] && [ "$MEASURE_STRACE" = 0 ]; then
         args+=(--sample-url "127.0.0.1:${STATS_PORT[$cfg]}${STATS_PATH[$cfg]}")
         if [[ "$scenario" == many-destinations* ]]; then args+=(--linger "$LINGER"); fi
       fi

@@ -164,15 +164,16 @@ pub fn settled_from(windows: &[(f64, Window)], rate: f64) -> Option<f64> {
 }
 
 /// Proxy side: ms from `from` until hits reach `rate` and stay there until `to`, by the
-/// windows between successive samples (the one under way at `from` included, counted from
-/// `from`).
+/// windows between successive samples from the first sample at or after `from` (the window
+/// under way at `from` is left out: it mixes in checkouts from before the step, so the figure
+/// errs late, by less than one sample interval).
 pub fn time_to_rate_proxy(record: &RunRecord, from: f64, to: f64, rate: f64) -> Option<f64> {
     let points = points(record);
-    let begin = points.iter().rposition(|p| p.t_ms <= from).unwrap_or(0);
+    let begin = points.iter().position(|p| p.t_ms >= from)?;
     let windows: Vec<(f64, Window)> = points[begin..]
         .windows(2)
         .take_while(|pair| pair[0].t_ms < to)
-        .map(|pair| (pair[0].t_ms.max(from), Window::between(&pair[0], &pair[1])))
+        .map(|pair| (pair[0].t_ms, Window::between(&pair[0], &pair[1])))
         .filter(|(_, w)| w.checkouts > 0.0)
         .collect();
     settled_from(&windows, rate).map(|t| t - from)
@@ -257,6 +258,8 @@ mod tests {
         ]);
         assert_eq!(step_times(&r), Some((1000.0, 2000.0)));
         assert_eq!(time_to_rate_proxy(&r, 1000.0, 2000.0, 0.95), Some(200.0));
+        // A step between two samples is measured from the step to the next sample's window.
+        assert_eq!(time_to_rate_proxy(&r, 950.0, 2000.0, 0.95), Some(250.0));
         let (ramp, rest) = ramp_and_rest(&r).expect("windows");
         assert_eq!(ramp, Window { hits: 90.0, checkouts: 100.0 });
         assert_eq!(rest.hits, 960.0);
