@@ -79,6 +79,7 @@ impl Rig {
                 cold_after: Duration::from_secs(3600),
                 refill: RefillMode::Off,
                 admission: Admission::Always,
+                cheap_dial: Duration::ZERO,
                 ..PoolOptions::from_config(&config)
             };
             let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled())

@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Load scenarios of issue 10, side by side in one run: direct, poolsocks (pool off, pool on with
-# default and tuned limits), Dante and microsocks.
+# Load scenarios of issues 10 and 18, side by side in one run: direct, poolsocks (pool off, pool
+# on with default and tuned limits), the baselines minirelay (a minimal tokio relay) and fixedpool
+# (a minimal fixed-stock pool), Dante and microsocks.
 #
 #   bash loadtests/run.sh                 full run (~15-20 min), tables and plots in loadtests/results/
 #   bash loadtests/run.sh --smoke         every scenario that can run here, ~1-2 s each (CI);
 #                                         results go to a temporary folder, the tree stays clean
 #   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
 #
-# Scenarios: distant-10ms, distant-50ms, requests-per-session, fast-local, bulk, idle-sessions,
-# many-destinations, fleet (loadtests/fleet.sh: several instances behind HAProxy, Prometheus). The distant ones need root and /dev/net/tun (a TUN delay line into a network
-# namespace); they are skipped with a message where that is not possible. Traffic goes only to
+# Scenarios: distant-10ms, distant-50ms, requests-per-session, step-demand, fast-local, bulk,
+# idle-sessions, many-destinations, many-destinations-10k, syscalls (strace -c), fleet
+# (loadtests/fleet.sh: several instances behind HAProxy, Prometheus). The distant ones and
+# step-demand need root and /dev/net/tun (a TUN delay line into a network namespace); they are
+# skipped with a message where that is not possible, as syscalls is without a working strace. Traffic goes only to
 # loopback and to 198.18.0.0/15 inside the namespace. Every process started here is stopped on
 # exit, and each has its own time limit as well.
 set -euo pipefail
@@ -20,6 +23,8 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 LOADGEN="$TARGET_DIR/release/loadgen"
 DELAYLINE="$TARGET_DIR/release/delayline"
 POOLSOCKS="$TARGET_DIR/release/poolsocks"
+MINIRELAY="$TARGET_DIR/release/minirelay"
+FIXEDPOOL="$TARGET_DIR/release/fixedpool"
 
 SMOKE=0
 ROUNDS=""
@@ -31,7 +36,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift ;;
     --only) ONLY="$2"; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n 2,15p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -39,9 +44,11 @@ done
 
 if [ "$SMOKE" = 1 ]; then
   ROUNDS=${ROUNDS:-1}; DURATION=1; WARMUP=0.3; BULK_MIB=64; HOLD_SESSIONS=200; HOLD_SECS=1; LINGER=1
+  STEP_PHASES=2:0.5,32:1,2:1; STRACE_SESSIONS=300
   STRICT=(--fail-on-errors)
 else
   ROUNDS=${ROUNDS:-2}; DURATION=5; WARMUP=1; BULK_MIB=4096; HOLD_SESSIONS=10000; HOLD_SECS=5; LINGER=15
+  STEP_PHASES=2:5,32:10,2:35; STRACE_SESSIONS=5000
   STRICT=()
 fi
 WORK=$(mktemp -d /tmp/poolsocks-loadtests.XXXXXX)
@@ -52,15 +59,20 @@ mkdir -p "$OUT" "$RAW"
 # Fixed ports below 16384: the ephemeral range is moved to 16384-65000 during the run.
 FAST_UPSTREAM=127.0.0.1:14080
 MANY_UPSTREAM=127.0.0.1:12000-12999
+# 10,000 destinations: 2,500 loopback addresses (127.1.0.1-127.1.9.196) x 4 ports.
+MANY10K_UPSTREAM=127.1.0.1-127.1.9.196:12000-12003
 NS=poolsocks-lt
 NEAR_IF=ltnear0
 FAR_IF=ltfar0
 NEAR_ADDR=198.18.0.1
 FAR_ADDR=198.18.1.1
 FAR_UPSTREAM=$FAR_ADDR:80
-declare -A PROXY_PORT=([pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106)
-declare -A STATS_PORT=([pool-off]=14111 [pool-default]=14112 [pool-tuned]=14113)
-CONFIGS=(direct pool-off pool-default pool-tuned dante microsocks)
+declare -A PROXY_PORT=([pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106 [minirelay]=14107 [fixedpool]=14108)
+declare -A STATS_PORT=([pool-off]=14111 [pool-default]=14112 [pool-tuned]=14113 [fixedpool]=14118)
+declare -A STATS_PATH=([pool-off]=/api/pool/stats [pool-default]=/api/pool/stats [pool-tuned]=/api/pool/stats [fixedpool]=/)
+# fixedpool: the "least a pool can be" of issue 18: 64 spares per destination (pool-tuned's
+# max_idle_per_dest), at most 1,000 in all (its max_total_idle; at the cap it dials no more).
+FIXEDPOOL_ARGS=(--spares 64 --max-total 1000)
 
 PIDS=()
 FAILED=()
@@ -112,7 +124,7 @@ say "building loadgen, delayline and poolsocks (release)"
 if ! (cd "$ROOT" && cargo build --release -p poolsocks --bin poolsocks); then
   say "poolsocks does not build: its configurations are skipped"
 fi
-HAVE=(direct)
+HAVE=(direct minirelay)
 if [ -x "$POOLSOCKS" ]; then
   HAVE+=(pool-off pool-default pool-tuned)
 else
@@ -127,12 +139,13 @@ install_peer() { # binary package
   timeout 300 apt-get update -qq >/dev/null 2>&1 || true
   DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "$2" >/dev/null 2>&1
 }
+HAVE+=(fixedpool)
 if install_peer danted dante-server; then HAVE+=(dante); else skip "Dante: danted missing and dante-server could not be installed"; fi
 if install_peer microsocks microsocks; then HAVE+=(microsocks); else skip "microsocks: missing and could not be installed"; fi
 say "configurations: ${HAVE[*]}"
 
-for port in 14080 14101 14102 14103 14105 14106 14111 14112 14113; do
-  port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14113 free"; exit 1; }
+for port in 14080 14101 14102 14103 14105 14106 14107 14108 14111 14112 14113 14118; do
+  port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14118 free"; exit 1; }
 done
 
 # Proxies started below inherit this: 10,000 held sessions need 20,000 descriptors in a proxy
@@ -173,6 +186,10 @@ start_proxy() {
     pool-*) "$POOLSOCKS" --config "$LT/configs/$cfg.toml" >"$WORK/$cfg.log" 2>&1 & ;;
     dante) dante_conf "$external"; danted -f "$WORK/danted-$external.conf" -p "$WORK/danted.pid" >>"$WORK/dante.log" 2>&1 & ;;
     microsocks) microsocks -i 127.0.0.1 -p "${PROXY_PORT[microsocks]}" >"$WORK/microsocks.log" 2>&1 & ;;
+    minirelay) "$MINIRELAY" --listen "127.0.0.1:${PROXY_PORT[minirelay]}" --duration 3600 >"$WORK/minirelay.log" 2>&1 & ;;
+    fixedpool) "$FIXEDPOOL" --listen "127.0.0.1:${PROXY_PORT[fixedpool]}" \
+                 --stats "127.0.0.1:${STATS_PORT[fixedpool]}" "${FIXEDPOOL_ARGS[@]}" --duration 3600 \
+                 >"$WORK/fixedpool.log" 2>&1 & ;;
   esac
   PROXY_PID=$!
   PIDS+=("$PROXY_PID")
@@ -189,6 +206,10 @@ route_args() { # cfg
 
 # Runs `loadgen $mode ...` against every configuration, ROUNDS times, interleaved.
 # usage: measure SCENARIO EXTERNAL_ADDR MODE [loadgen args...]
+# MEASURE_ONLY="cfg cfg" limits it to those configurations; MEASURE_STRACE=1 counts each
+# proxy's syscalls (loadgen run --strace-pid).
+MEASURE_ONLY=""
+MEASURE_STRACE=0
 measure() {
   local scenario=$1 external=$2 mode=$3; shift 3
   local round cfg dir="$RAW/$scenario" args
@@ -196,13 +217,20 @@ measure() {
   for round in $(seq 1 "$ROUNDS"); do
     for cfg in "${HAVE[@]}"; do
       if [ "$mode" = hold ] && [ "$cfg" = direct ]; then continue; fi
+      if [ -n "$MEASURE_ONLY" ] && [[ " $MEASURE_ONLY " != *" $cfg "* ]]; then continue; fi
       start_proxy "$cfg" "$external" || { FAILED+=("$scenario/$cfg: proxy did not start"); continue; }
       args=($(route_args "$cfg"))
       if [ "$mode" = hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi
-      # poolsocks's own counters, sampled once a second (idle total, hit rate).
-      if [ "$mode" = run ] && [ -n "${STATS_PORT[$cfg]:-}" ]; then
-        args+=(--sample-url "127.0.0.1:${STATS_PORT[$cfg]}/api/pool/stats")
-        if [ "$scenario" = many-destinations ]; then args+=(--linger "$LINGER"); fi
+      # The pool's own counters (poolsocks, fixedpool), sampled once a second unless the
+      # scenario asks for more often (idle total, hits, misses, first sightings).
+      # Not while strace counts: serving the samples would add the stats endpoint's syscalls.
+      if [ "$mode" = run ] && [ -n "${STATS_PORT[$cfg]:-}" ] && [ "$MEASURE_STRACE" = 0 ]; then
+        args+=(--sample-url "127.0.0.1:${STATS_PORT[$cfg]}${STATS_PATH[$cfg]}")
+        if [[ "$scenario" == many-destinations* ]]; then args+=(--linger "$LINGER"); fi
+      fi
+      if [ "$MEASURE_STRACE" = 1 ]; then
+        [ -n "$PROXY_PID" ] || continue
+        args+=(--strace-pid "$PROXY_PID")
       fi
       local strict=()
       # Our own daemon and the baseline must not fail in smoke runs; the peers' hiccups are
@@ -325,6 +353,19 @@ if [ "$delay_ok" = 1 ]; then
       skip "requests-per-session: delay line could not start"
     fi
   fi
+  if wanted step-demand; then
+    # A change in demand (issue 18, goal 3): 2 clients, a step to 32, back to 2, on one
+    # destination 10 ms away; the pools' counters sampled every 100 ms, every session logged.
+    if delay_up 10; then
+      MEASURE_ONLY="pool-default pool-tuned fixedpool"
+      measure step-demand "$NEAR_ADDR" run --target "$FAR_UPSTREAM" --phases "$STEP_PHASES" -n 1 \
+        --sample-interval-ms 100 --session-log --upstream-stats "$FAR_UPSTREAM"
+      MEASURE_ONLY=""
+      report step-demand "One destination behind a 10 ms RTT delay line, 1 request per session, closed-loop clients stepping ${STEP_PHASES//,/, } (clients:seconds): how fast each pool follows a rise in demand, and what it keeps once demand falls. Each pool's counters are sampled every 100 ms; every session's start and latency is logged." --rtt-ms 10
+    else
+      skip "step-demand: delay line could not start"
+    fi
+  fi
   delay_down
   if [ ${#LINE_ROWS[@]} -gt 0 ]; then
     {
@@ -367,12 +408,43 @@ if wanted fast-local || wanted bulk || wanted idle-sessions; then
   stop_pid "$UPSTREAM_PID"
 fi
 
+if wanted syscalls; then
+  # Syscalls per session (issue 18, goal 4): strace -c -f on the proxy over a fixed number of
+  # one-request sessions to the fast loopback destination. Under strace the proxy is slow;
+  # only the counts mean anything.
+  if command -v strace >/dev/null && timeout 10 strace -c -o /dev/null true 2>/dev/null; then
+    start_upstream "$FAST_UPSTREAM" fast
+    wait_port 127.0.0.1 14080 || { say "FAIL: upstream did not start"; exit 1; }
+    MEASURE_ONLY="minirelay pool-off pool-default pool-tuned fixedpool"
+    MEASURE_STRACE=1
+    measure syscalls 127.0.0.1 run --target "$FAST_UPSTREAM" -c 16 -d 300 -n 1 \
+      --sessions "$STRACE_SESSIONS" --upstream-stats "$FAST_UPSTREAM"
+    MEASURE_ONLY=""
+    MEASURE_STRACE=0
+    report syscalls "Syscalls of the proxy process (all its threads, \`strace -c -f -p PID\`) over ${STRACE_SESSIONS} one-request SOCKS sessions to the fast loopback destination, 16 clients, divided by the sessions. Counting starts before the first session and stops 0.3 s after the last; background dials of a pool are counted. Latency and rps under strace are not meaningful and are not shown."
+    stop_pid "$UPSTREAM_PID"
+  else
+    skip "syscalls: strace is missing or cannot trace here"
+  fi
+fi
+
 if wanted many-destinations; then
   start_upstream "$MANY_UPSTREAM" many
   wait_port 127.0.0.1 12999 || { say "FAIL: upstream on 1,000 ports did not start"; exit 1; }
   measure many-destinations 127.0.0.1 run --target "$MANY_UPSTREAM" -c 16 -d "$DURATION" \
     --warmup "$WARMUP" -n 1 --upstream-stats 127.0.0.1:12000
-  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running (a sum of per-destination views read one after another); \"budget high water\" is the most slots the GlobalBudget ever held at once (reserved, lent, pooled or evicting), its own exact record; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
+  report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. fixedpool keeps at most 1,000 spares in all (\`--max-total 1000\`), like pool-tuned's max_total_idle. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running (a sum of per-destination views read one after another); \"budget high water\" is the most slots the GlobalBudget ever held at once (reserved, lent, pooled or evicting), its own exact record; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
+  stop_pid "$UPSTREAM_PID"
+fi
+
+if wanted many-destinations-10k; then
+  # Ports run short for 10,000 listeners on one address: 2,500 loopback addresses x 4 ports,
+  # each address:port its own listener in one upstream process.
+  start_upstream "$MANY10K_UPSTREAM" many10k
+  wait_port 127.1.9.196 12003 || { say "FAIL: upstream on 10,000 addresses did not start: $(tail -2 "$WORK/many10k.log")"; exit 1; }
+  measure many-destinations-10k 127.0.0.1 run --target "$MANY10K_UPSTREAM" -c 16 -d "$DURATION" \
+    --warmup "$WARMUP" -n 1 --upstream-stats 127.1.0.1:12000
+  report many-destinations-10k "10,000 loopback destinations (addresses 127.1.0.1-127.1.9.196, ports 12000-12003) in a random mix, 16 clients, 1 request per session: most destinations are seen once or twice in a run. Columns as in many-destinations; fixedpool keeps at most 1,000 spares in all. \"idle after load\" is total_idle ${LINGER} s after the load stopped. The upstream column counts the one server process behind all 10,000 listeners."
   stop_pid "$UPSTREAM_PID"
 fi
 

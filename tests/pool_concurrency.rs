@@ -122,6 +122,7 @@ async fn five_hundred_concurrent_handlers_keep_the_counters_exact() {
         // Generous: this test is about exact counts; a fallback would still be counted.
         checkout_timeout: Duration::from_secs(10),
         janitor_period: Some(Duration::from_secs(1)),
+        cheap_dial: Duration::ZERO,
         ..PoolOptions::default()
     };
     let pool =

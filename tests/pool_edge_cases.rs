@@ -218,8 +218,12 @@ fn options() -> PoolOptions {
         checkout_timeout: Duration::from_secs(5),
         janitor_period: None,
         cold_after: Duration::from_secs(30),
-        // These tests are about a manager's mechanics: every destination gets one at once.
+        // These tests are about a manager's mechanics: every destination gets one at once, and
+        // spares although a loopback dial is cheap.
         admission: Admission::Always,
+        cheap_dial: Duration::ZERO,
+        // And evictions for any newcomer (the policy of who may evict is tested elsewhere).
+        eviction_margin: 0.0,
         ..PoolOptions::default()
     }
 }
@@ -941,15 +945,16 @@ async fn a_dead_pool_never_fails_a_client() {
 async fn background_dial_failures_are_counted_logged_and_backed_off() {
     let server = UpstreamServer::start(None).await;
     let dialer = Arc::new(ScriptedDialer::default());
-    dialer.mode.store(FAIL, Ordering::SeqCst);
     let (pool, telemetry) = spawn_with(options(), dialer.clone()).await;
     let target = server.target();
 
-    // The destination is down: the client gets the error (the pool does not hide it), and the
-    // background dial its miss started fails too.
-    assert!(pool.acquire(&target).await.is_err());
+    // The client's own dial succeeds; then the destination goes down, and the background dial
+    // that success started fails (counted, logged, backed off).
+    let first = pool.acquire(&target).await.unwrap();
+    dialer.mode.store(FAIL, Ordering::SeqCst);
+    first.finish(false);
     let stats = wait_dest(&pool, &target, "the dial failed", |s| {
-        s.is_quiet() && s.counters.connect_failures == 2
+        s.is_quiet() && s.counters.connect_failures == 1
     })
     .await;
     assert!(stats.backing_off);
@@ -960,26 +965,34 @@ async fn background_dial_failures_are_counted_logged_and_backed_off() {
     assert_eq!(errors[0].severity, Severity::Error);
     assert!(errors[0].details.contains_key("backoff_ms"));
 
-    // While backing off, a miss dials for its client but starts no background dial.
+    // The client gets the error (the pool does not hide it), and a failed client dial starts
+    // no background dial at all.
     assert!(pool.acquire(&target).await.is_err());
-    wait_dest(&pool, &target, "quiet", |s| s.is_quiet() && s.counters.connect_failures == 3).await;
+    wait_dest(&pool, &target, "quiet", |s| s.is_quiet() && s.counters.connect_failures == 2).await;
     assert_eq!(dialer.calls.load(Ordering::SeqCst), 3);
     assert_settled(&pool, &[&server]).await;
-    assert_eq!(server.accepted(), 0);
+    assert_eq!(server.accepted(), 1);
 }
 
 #[tokio::test]
 async fn a_hanging_dialer_cannot_leave_creates_pending() {
     let server = UpstreamServer::start(None).await;
     let dialer = Arc::new(ScriptedDialer::default());
-    dialer.mode.store(HANG, Ordering::SeqCst);
     let mut opts = options();
     opts.connect_timeout = Duration::from_millis(200);
+    opts.connect_phase_timeout = Duration::from_millis(200);
     let (pool, _) = spawn_with(opts, dialer.clone()).await;
     let target = server.target();
 
+    // A client's dial that hangs is cut at the connect phase's limit.
+    dialer.mode.store(HANG, Ordering::SeqCst);
     let error = pool.acquire(&target).await.err().expect("a timeout");
     assert_eq!(error.reply_code(), poolsocks::socks::ReplyCode::TtlExpired);
+    // A background dial that hangs ends too: none is left pending.
+    dialer.mode.store(PASS, Ordering::SeqCst);
+    let first = pool.acquire(&target).await.unwrap();
+    dialer.mode.store(HANG, Ordering::SeqCst);
+    first.finish(false);
     let stats = wait_dest(&pool, &target, "the dial timed out", |s| {
         s.is_quiet() && s.counters.connect_failures == 2
     })

@@ -144,8 +144,8 @@ async fn lowering_max_total_idle_from_100_to_10_leaves_exactly_10_spares() {
     let config = |max_total_idle: usize| {
         format!(
             "[server]\nbind_port = 0\n[server.pool]\nenabled = true\nmax_idle_per_dest = 1\n\
-             max_total_idle = {max_total_idle}\n[sessions]\nstats_api_enabled = true\n\
-             stats_api_port = 0\n"
+             max_total_idle = {max_total_idle}\ncheap_dial_us = 0\n[sessions]\n\
+             stats_api_enabled = true\nstats_api_port = 0\n"
         )
     };
     let mut daemon = Daemon::start(&config(100));

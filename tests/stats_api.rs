@@ -112,6 +112,27 @@ fn assert_counters_settled(stats: &PoolStats) {
     assert_eq!(stats.pending_creates, 0, "pending after the test: {stats:?}");
 }
 
+/// Sessions to `evictor` until `victim`'s spare has been evicted for it: a spare is evicted
+/// only for a destination steadily busier than its own (see the pool's budget).
+async fn evict_by_demand(
+    proxy: SocketAddr,
+    evictor: SocketAddr,
+    evictor_dest: &mut watch::Receiver<DestStats>,
+    victim: &mut watch::Receiver<DestStats>,
+) {
+    for _ in 0..40 {
+        session(proxy, evictor, b"evict").await;
+        tokio::time::timeout(DEADLINE, evictor_dest.wait_for(|s| s.is_quiet()))
+            .await
+            .expect("evictor at rest")
+            .expect("watch open");
+        if victim.borrow().counters.evicted >= 1 {
+            return;
+        }
+    }
+    panic!("never evicted: {:?}", *victim.borrow());
+}
+
 /// One SOCKS session through the proxy: CONNECT, echo `payload`, close.
 async fn session(proxy: SocketAddr, target: SocketAddr, payload: &[u8]) {
     let (mut stream, reply) = connect(proxy, TargetAddr::Ip(target)).await;
@@ -524,7 +545,7 @@ async fn telemetry_events_show_real_warnings_newest_first_and_filter() {
 
     session(rig.proxy.addr, first.addr, b"a").await;
     settle(&mut first_dest, 1).await;
-    session(rig.proxy.addr, second.addr, b"b").await;
+    evict_by_demand(rig.proxy.addr, second.addr, &mut second_dest, &mut first_dest).await;
     settle(&mut second_dest, 1).await;
     tokio::time::timeout(DEADLINE, first_dest.wait_for(|s| s.counters.evicted == 1 && s.idle == 0))
         .await
@@ -588,7 +609,7 @@ async fn telemetry_disabled_reports_so_and_records_nothing() {
     let mut second_dest = rig.watch(second.addr).await;
     session(rig.proxy.addr, first.addr, b"a").await;
     settle(&mut first_dest, 1).await;
-    session(rig.proxy.addr, second.addr, b"b").await;
+    evict_by_demand(rig.proxy.addr, second.addr, &mut second_dest, &mut first_dest).await;
     tokio::time::timeout(DEADLINE, first_dest.wait_for(|s| s.counters.evicted == 1))
         .await
         .expect("eviction in time")

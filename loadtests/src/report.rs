@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::stats::RunRecord;
+use crate::timeline;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReportArgs {
@@ -37,8 +38,16 @@ pub struct ReportArgs {
 }
 
 /// Fixed order for the known configurations; others follow alphabetically.
-const ORDER: [&str; 6] =
-    ["direct", "pool-off", "pool-default", "pool-tuned", "dante", "microsocks"];
+const ORDER: [&str; 8] = [
+    "direct",
+    "minirelay",
+    "pool-off",
+    "pool-default",
+    "pool-tuned",
+    "fixedpool",
+    "dante",
+    "microsocks",
+];
 
 fn order_key(label: &str) -> (usize, String) {
     let index = ORDER.iter().position(|l| *l == label).unwrap_or(ORDER.len());
@@ -52,17 +61,19 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
-    /// The figure compared: rps, MiB/s, or KiB per held session (lower is better).
+    /// The figure compared: rps, MiB/s, KiB per held session or syscalls per session (lower
+    /// is better for the last two).
     fn metric(record: &RunRecord) -> f64 {
         match record.mode.as_str() {
             "bulk" => record.mib_per_sec,
             "hold" => record.kib_per_session,
+            "syscalls" => syscalls_per_session(record),
             _ => record.rps,
         }
     }
 
     fn lower_is_better(&self) -> bool {
-        self.runs.first().is_some_and(|r| r.mode == "hold")
+        self.runs.first().is_some_and(|r| r.mode == "hold" || r.mode == "syscalls")
     }
 
     fn best(&self) -> Option<&RunRecord> {
@@ -71,8 +82,8 @@ impl Group<'_> {
             a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
         };
         if self.lower_is_better() {
-            // A run that held nothing has no meaningful per-session figure.
-            self.runs.iter().filter(|r| r.held > 0).min_by(better).copied()
+            // A run that held (or traced) nothing has no meaningful per-session figure.
+            self.runs.iter().filter(|r| r.held > 0 || r.traced_sessions > 0).min_by(better).copied()
         } else {
             self.runs.iter().max_by(better).copied()
         }
@@ -118,16 +129,24 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
         if variants.len() > 1 {
             let _ = writeln!(md, "## {requests_per_session} request(s) per session\n");
         }
+        let stem = format!("{}{suffix}", args.scenario);
         match mode.as_str() {
             "bulk" => bulk_table(&mut md, &groups, &args),
             "hold" => hold_table(&mut md, &groups, &args),
+            "syscalls" => syscalls_table(&mut md, &groups),
+            "step" => {
+                step_table(&mut md, &groups, &args);
+                let timeline = args.out.join(format!("{stem}-timeline.svg"));
+                timeline_plot(&timeline, &groups, &args.scenario)?;
+                let _ =
+                    writeln!(md, "\n![idle spares and hit rate over time]({stem}-timeline.svg)");
+            }
             _ => run_table(&mut md, &groups, &args),
         }
-        let stem = format!("{}{suffix}", args.scenario);
         let bars = args.out.join(format!("{stem}-bars.svg"));
         bar_plot(&bars, &groups, &args.scenario, &mode)?;
         let _ = writeln!(md, "\n![bars]({stem}-bars.svg)\n");
-        if mode == "run" {
+        if mode == "run" || mode == "step" {
             let cdf = args.out.join(format!("{stem}-cdf.svg"));
             cdf_plot(&cdf, &groups, &args.scenario)?;
             let _ = writeln!(md, "![latency CDF]({stem}-cdf.svg)\n");
@@ -201,34 +220,60 @@ fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
 
+/// A latency in RTTs, when the path's RTT is known.
+fn in_rtt(us: u64, rtt_ms: Option<f64>) -> String {
+    match rtt_ms {
+        Some(rtt) if rtt > 0.0 => format!("{:.2}", us as f64 / 1000.0 / rtt),
+        _ => "—".into(),
+    }
+}
+
+fn percent(rate: Option<f64>) -> String {
+    rate.map_or_else(|| "—".into(), |r| format!("{:.1}%", r * 100.0))
+}
+
+/// The cold ramp: hits in the first second of the proxy's life, as "rate of checkouts".
+fn ramp_text(record: &RunRecord) -> String {
+    match timeline::ramp_and_rest(record) {
+        Some((ramp, _)) if ramp.checkouts > 0.0 => {
+            format!("{} of {:.0}", percent(ramp.rate()), ramp.checkouts)
+        }
+        _ => "—".into(),
+    }
+}
+
+fn rest_text(record: &RunRecord) -> String {
+    percent(timeline::ramp_and_rest(record).and_then(|(_, rest)| rest.rate()))
+}
+
+fn mean_idle_text(record: &RunRecord) -> String {
+    timeline::mean_idle(record).map_or_else(|| "—".into(), |m| format!("{m:.1}"))
+}
+
 fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
-    let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) |" } else { "" };
+    let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) | p99 (RTT) |" } else { "" };
     let _ = writeln!(
         md,
-        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | budget high water | idle after load | hit rate | errors |",
+        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | mean idle held | budget high water | idle after load | cold ramp: hits in 1st s | hit rate after 1st s | errors |",
         args.baseline, args.pool_off
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|",
-        if args.rtt_ms.is_some() { "---|" } else { "" }
+        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|---|---|",
+        if args.rtt_ms.is_some() { "---|---|" } else { "" }
     );
     for group in groups {
         let Some(best) = group.best() else { continue };
         let (min, max) = group.spread();
         let lat = best.session_latency.clone().unwrap_or_default();
-        let rtt = match args.rtt_ms {
-            Some(rtt) if rtt > 0.0 => format!(" {:.2} |", lat.p50_us as f64 / 1000.0 / rtt),
-            Some(_) => " — |".into(),
-            None => String::new(),
+        let rtt = if args.rtt_ms.is_some() {
+            format!(" {} | {} |", in_rtt(lat.p50_us, args.rtt_ms), in_rtt(lat.p99_us, args.rtt_ms))
+        } else {
+            String::new()
         };
-        let reuse = best
-            .upstream
-            .map(|u| format!("{:.2}", u.connections as f64 / best.sessions.max(1) as f64))
-            .unwrap_or_else(|| "—".into());
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {reuse} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {} | {} | {} | {} | {} | {} | {} | {} |",
             group.label,
             group.runs.len(),
             best.rps,
@@ -241,12 +286,85 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             ms(lat.p99_us),
             ms(lat.p999_us),
             ms(lat.max_us),
+            conns_per_session(best),
             max_idle_sampled(group),
+            mean_idle_text(best),
             budget_high_water(group),
             idle_after(best),
-            hit_rate(best),
+            ramp_text(best),
+            rest_text(best),
             errors_text(group),
         );
+    }
+    let _ = writeln!(
+        md,
+        "\nHits are counted by the proxy (`pool_hits` / (`pool_hits` + `pool_misses` + \
+         `first_sightings`), from its stats sampled every {} ms): the cold ramp is the proxy's \
+         first second under load (warm-up included), the hit rate after it runs to the end of \
+         the load; \"mean idle held\" is the mean of its idle spares (`total_idle`) over the \
+         samples after the first second. minirelay has no pool; fixedpool reports the same \
+         fields.",
+        groups
+            .iter()
+            .flat_map(|g| g.runs.iter())
+            .map(|r| r.sample_interval_ms)
+            .max()
+            .unwrap_or(1000)
+            .max(1)
+    );
+    goal_lines(md, groups, args);
+}
+
+fn conns_per_session(record: &RunRecord) -> String {
+    record
+        .upstream
+        .map(|u| format!("{:.2}", u.connections as f64 / record.sessions.max(1) as f64))
+        .unwrap_or_else(|| "—".into())
+}
+
+/// Issue 18's comparisons, where both sides ran: best rounds of this one run.
+fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
+    let find = |label: &str| groups.iter().find(|g| g.label == label).and_then(|g| g.best());
+    let p99 = |r: &RunRecord| r.session_latency.as_ref().map_or(0, |l| l.p99_us) as f64;
+    let mut lines = Vec::new();
+    if let (Some(off), Some(relay)) = (find("pool-off"), find("minirelay")) {
+        lines.push(format!(
+            "pool-off / minirelay: rps {:.2}x, p99 {:.2}x",
+            off.rps / relay.rps.max(f64::MIN_POSITIVE),
+            p99(off) / p99(relay).max(1.0)
+        ));
+    }
+    if let (Some(off), Some(direct)) = (find("pool-off"), find("direct")) {
+        lines.push(format!("pool-off p99 / direct p99: {:.2}x", p99(off) / p99(direct).max(1.0)));
+    }
+    for on in ["pool-default", "pool-tuned"] {
+        if let (Some(on_record), Some(off)) = (find(on), find("pool-off")) {
+            lines.push(format!(
+                "{on} / pool-off: rps {:.2}x, upstream conns / session {}",
+                on_record.rps / off.rps.max(f64::MIN_POSITIVE),
+                conns_per_session(on_record)
+            ));
+        }
+    }
+    if let (Some(tuned), Some(fixed)) = (find("pool-tuned"), find("fixedpool")) {
+        let rtts = if args.rtt_ms.is_some() {
+            let rtt = |r: &RunRecord| in_rtt(p99(r) as u64, args.rtt_ms);
+            format!(" ({} vs {} RTT)", rtt(tuned), rtt(fixed))
+        } else {
+            String::new()
+        };
+        lines.push(format!(
+            "pool-tuned / fixedpool: rps {:.2}x, p99 {:.2}x{rtts}, mean idle held {} vs {}, hit rate after 1st s {} vs {}",
+            tuned.rps / fixed.rps.max(f64::MIN_POSITIVE),
+            p99(tuned) / p99(fixed).max(1.0),
+            mean_idle_text(tuned),
+            mean_idle_text(fixed),
+            rest_text(tuned),
+            rest_text(fixed),
+        ));
+    }
+    if !lines.is_empty() {
+        let _ = writeln!(md, "\nIssue 18 comparisons (best rounds): {}.", lines.join("; "));
     }
 }
 
@@ -291,16 +409,6 @@ fn idle_after(record: &RunRecord) -> String {
         .and_then(|s| s.get("total_idle"))
         .and_then(|v| v.as_f64())
         .map_or_else(|| "—".into(), |idle| format!("{idle:.0} (+{:.0} s)", record.linger_secs))
-}
-
-/// The pool's own hit rate in the last sample under load (the daemon's `hit_rate` field).
-fn hit_rate(record: &RunRecord) -> String {
-    record
-        .stats_samples
-        .last()
-        .and_then(|s| s.get("hit_rate"))
-        .and_then(|v| v.as_f64())
-        .map_or_else(|| "—".into(), |rate| format!("{:.0}%", rate * 100.0))
 }
 
 fn bulk_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
@@ -362,6 +470,276 @@ fn hold_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
     }
 }
 
+fn syscalls_per_session(record: &RunRecord) -> f64 {
+    let total: u64 = record.syscalls.values().map(|c| c.calls).sum();
+    total as f64 / record.traced_sessions.max(1) as f64
+}
+
+fn syscalls_table(md: &mut String, groups: &[Group]) {
+    let _ = writeln!(
+        md,
+        "| config | rounds | sessions traced | syscalls per session | spread | vs minirelay | failed syscalls per session | upstream conns / session | most frequent (per session) | errors |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    for group in groups {
+        let Some(best) = group.best() else { continue };
+        let (min, max) = group.spread();
+        let per = |n: u64| n as f64 / best.traced_sessions.max(1) as f64;
+        let failed: u64 = best.syscalls.values().map(|c| c.errors).sum();
+        let mut top: Vec<(&String, u64)> =
+            best.syscalls.iter().map(|(k, c)| (k, c.calls)).collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let top: Vec<String> =
+            top.iter().take(6).map(|(name, n)| format!("{name} {:.1}", per(*n))).collect();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {:.1}–{:.1} | {} | {:.1} | {} | {} | {} |",
+            group.label,
+            group.runs.len(),
+            best.traced_sessions,
+            syscalls_per_session(best),
+            min,
+            max,
+            ratio(groups, group, "minirelay"),
+            per(failed),
+            conns_per_session(best),
+            top.join(", "),
+            errors_text(group),
+        );
+    }
+    // Every syscall that some configuration makes at least once in 20 sessions, side by side.
+    let bests: Vec<(&str, &RunRecord)> =
+        groups.iter().filter_map(|g| g.best().map(|b| (g.label.as_str(), b))).collect();
+    let mut names: BTreeMap<&str, f64> = BTreeMap::new();
+    for (_, record) in &bests {
+        for (name, count) in &record.syscalls {
+            let per = count.calls as f64 / record.traced_sessions.max(1) as f64;
+            let entry = names.entry(name.as_str()).or_insert(0.0);
+            *entry = entry.max(per);
+        }
+    }
+    let mut names: Vec<(&str, f64)> = names.into_iter().filter(|(_, m)| *m >= 0.05).collect();
+    names.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    if names.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\nCalls per session, by syscall (best round of each):\n");
+    let header: Vec<&str> = bests.iter().map(|(label, _)| *label).collect();
+    let _ = writeln!(md, "| syscall | {} |", header.join(" | "));
+    let _ = writeln!(md, "|---|{}", "---|".repeat(header.len()));
+    for (name, _) in names {
+        let cells: Vec<String> = bests
+            .iter()
+            .map(|(_, r)| {
+                let calls = r.syscalls.get(name).map_or(0, |c| c.calls);
+                format!("{:.2}", calls as f64 / r.traced_sessions.max(1) as f64)
+            })
+            .collect();
+        let _ = writeln!(md, "| {name} | {} |", cells.join(" | "));
+    }
+}
+
+/// Text for a time after a step: ms and RTTs.
+fn after_step(ms_after: Option<f64>, rtt_ms: Option<f64>) -> String {
+    match (ms_after, rtt_ms) {
+        (Some(t), Some(rtt)) if rtt > 0.0 => format!("{t:.0} ms = {:.1} RTT", t / rtt),
+        (Some(t), _) => format!("{t:.0} ms"),
+        (None, _) => "not reached".into(),
+    }
+}
+
+/// Client-side hit inference on the delay line: a session that dials costs at least 2 RTT
+/// (connect, then the request), one through a spare ~1 RTT; below this many RTTs it was a hit.
+const FAST_SESSION_RTTS: f64 = 1.75;
+
+fn step_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
+    let Some(first) = groups.iter().find_map(|g| g.best()) else { return };
+    let Some((up, down)) = timeline::step_times(first) else {
+        let _ = writeln!(md, "(no step up in --phases)");
+        return;
+    };
+    let phases: Vec<String> =
+        first.phases.iter().map(|p| format!("{} clients for {} s", p.clients, p.secs)).collect();
+    let _ = writeln!(
+        md,
+        "Phases: {}; the step up is at {:.1} s, the fall at {:.1} s.\n",
+        phases.join(", "),
+        up / 1000.0,
+        down / 1000.0
+    );
+    let _ = writeln!(
+        md,
+        "| config | rounds | best rps | p50 (RTT) | p99 (RTT) | cold ramp: hits in 1st s | hit rate after 1st s | hit rate while stepped up | step up to >= 95% hits (proxy counters) | step up to >= 95% sessions < 1.75 RTT (client) | peak idle | idle after the fall | mean idle held | errors |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for group in groups {
+        let Some(best) = group.best() else { continue };
+        let lat = best.session_latency.clone().unwrap_or_default();
+        let points = timeline::points(best);
+        let high = points
+            .iter()
+            .rev()
+            .find(|p| p.t_ms <= up)
+            .zip(points.iter().find(|p| p.t_ms >= down).or(points.last()))
+            .map(|(a, b)| timeline::Window::between(a, b));
+        let proxy = if points.is_empty() {
+            "—".into()
+        } else {
+            after_step(timeline::time_to_rate_proxy(best, up, down, 0.95), args.rtt_ms)
+        };
+        let client = match args.rtt_ms {
+            Some(rtt) if !best.session_log.is_empty() => after_step(
+                timeline::time_to_rate_client(
+                    best,
+                    up,
+                    down,
+                    FAST_SESSION_RTTS * 1000.0 * rtt,
+                    50.0,
+                    0.95,
+                ),
+                args.rtt_ms,
+            ),
+            _ => "—".into(),
+        };
+        let peak = points
+            .iter()
+            .filter(|p| p.t_ms >= up && p.t_ms <= down + 2000.0)
+            .map(|p| p.idle)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let after = points
+            .iter()
+            .find(|p| p.t_ms >= down + 30_000.0)
+            .or_else(|| points.last().filter(|p| p.t_ms > down));
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {proxy} | {client} | {} | {} | {} | {} |",
+            group.label,
+            group.runs.len(),
+            best.rps,
+            in_rtt(lat.p50_us, args.rtt_ms),
+            in_rtt(lat.p99_us, args.rtt_ms),
+            ramp_text(best),
+            rest_text(best),
+            percent(high.and_then(|w| w.rate())),
+            peak.map_or_else(|| "—".into(), |p| format!("{p:.0}")),
+            after.map_or_else(
+                || "—".into(),
+                |p| format!("{:.0} (+{:.0} s)", p.idle, (p.t_ms - down) / 1000.0)
+            ),
+            mean_idle_text(best),
+            errors_text(group),
+        );
+    }
+    let interval =
+        groups.iter().flat_map(|g| g.runs.iter()).map(|r| r.sample_interval_ms).max().unwrap_or(0);
+    let _ = writeln!(
+        md,
+        "\n\"Step up to >= 95% hits\": from the step to the start of the first window from which \
+         hits are >= 95% both in that window and over the rest of the stepped-up phase. Proxy \
+         counters: windows between successive stats samples ({interval} ms apart; poolsocks \
+         serves its pool counters from a cache up to 250 ms old, so its figure is good to about \
+         250 ms, and a repeated sample is dropped). Client side: 50 ms bins of session start \
+         times, a session through a spare takes ~1 RTT and one that dials at least 2 RTT, so a \
+         session under 1.75 RTT counts as a hit (a dial cannot be that fast; a hit slowed by a \
+         busy CPU may be slower, so this errs late; works for any proxy, and is finer). \"Idle after the \
+         fall\": the first sample 30 s after the fall, or the last one if the run ends sooner."
+    );
+}
+
+fn timeline_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
+    // (label, idle over time, hit rate over time) of each configuration's best round.
+    let mut curves = Vec::new();
+    for group in groups {
+        let Some(best) = group.best() else { continue };
+        let points = timeline::points(best);
+        if points.is_empty() {
+            continue;
+        }
+        let idle: Vec<(f64, f64)> = points.iter().map(|p| (p.t_ms / 1000.0, p.idle)).collect();
+        // Windows of at least 250 ms (poolsocks' cache), each plotted at its middle.
+        let mut rate = Vec::new();
+        let mut start = points[0];
+        for p in &points[1..] {
+            if p.t_ms - start.t_ms >= 250.0 {
+                if let Some(r) = timeline::Window::between(&start, p).rate() {
+                    rate.push(((start.t_ms + p.t_ms) / 2000.0, r * 100.0));
+                }
+                start = *p;
+            }
+        }
+        curves.push((group.label.clone(), idle, rate));
+    }
+    if curves.is_empty() {
+        return Ok(());
+    }
+    let t_max =
+        curves.iter().flat_map(|(_, idle, _)| idle.iter().map(|(t, _)| *t)).fold(1.0, f64::max);
+    let idle_max =
+        curves.iter().flat_map(|(_, idle, _)| idle.iter().map(|(_, v)| *v)).fold(1.0, f64::max);
+    let steps: Vec<f64> = groups
+        .iter()
+        .find_map(|g| g.best())
+        .and_then(timeline::step_times)
+        .map(|(up, down)| vec![up / 1000.0, down / 1000.0])
+        .unwrap_or_default();
+    let root = SVGBackend::new(path, (900, 640)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    let (top, bottom) = root.split_vertically(320);
+    let panels: [(&DrawingArea<SVGBackend, plotters::coord::Shift>, &str, f64, bool); 2] = [
+        (&top, "idle spares (total_idle)", idle_max * 1.1, true),
+        (&bottom, "hit rate per window (%)", 100.0, false),
+    ];
+    for (area, what, y_max, is_idle) in panels {
+        let mut chart = ChartBuilder::on(area)
+            .caption(format!("{title}: {what}"), ("sans-serif", 16))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..t_max * 1.02, 0.0..y_max)
+            .map_err(plot_error)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the start")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(plot_error)?;
+        for t in &steps {
+            chart
+                .draw_series(LineSeries::new(
+                    [(*t, 0.0), (*t, y_max)],
+                    BLACK.mix(0.6).stroke_width(2),
+                ))
+                .map_err(plot_error)?;
+        }
+        for (i, (label, idle, rate)) in curves.iter().enumerate() {
+            let series = if is_idle { idle } else { rate };
+            chart
+                .draw_series(LineSeries::new(
+                    series.iter().copied(),
+                    Palette99::pick(i).stroke_width(2),
+                ))
+                .map_err(plot_error)?
+                .label(label.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 18, y)], Palette99::pick(i).stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(if is_idle {
+                SeriesLabelPosition::UpperRight
+            } else {
+                SeriesLabelPosition::LowerRight
+            })
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_error)?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
 fn plot_error(e: impl std::fmt::Display) -> String {
     format!("plot: {e}")
 }
@@ -377,6 +755,7 @@ fn bar_plot(path: &Path, groups: &[Group], title: &str, mode: &str) -> Result<()
     let unit = match mode {
         "bulk" => "MiB/s (best round)",
         "hold" => "KiB per held session (best round)",
+        "syscalls" => "syscalls per session (best round)",
         _ => "requests per second (best round)",
     };
     let top = values.iter().map(|(_, v)| *v).fold(0.0, f64::max).max(1.0) * 1.15;

@@ -81,6 +81,23 @@ pub struct RunArgs {
     /// Measured seconds (after the warm-up).
     #[arg(long, short = 'd', default_value_t = 5.0)]
     pub duration: f64,
+    /// Clients over time instead of -c/-d: CLIENTS:SECONDS,... from the start (warm-up
+    /// included), e.g. `2:5,32:10,2:35` (5 s at 2 clients, 10 s at 32, 35 s at 2). Client i runs
+    /// while the phase has more than i clients; a session under way when its phase ends
+    /// finishes.
+    #[arg(long, value_parser = parse_phases)]
+    pub phases: Option<Phases>,
+    /// Stop after this many sessions in all (warm-up included), e.g. for a syscall count per
+    /// session; -d still bounds the run.
+    #[arg(long)]
+    pub sessions: Option<u64>,
+    /// Record each session's start (since the run began) and latency in the JSON record.
+    #[arg(long)]
+    pub session_log: bool,
+    /// Count the syscalls of this process (and its threads) with `strace -c -f -p PID` while the
+    /// sessions run; the counts go into the record (mode "syscalls").
+    #[arg(long)]
+    pub strace_pid: Option<u32>,
     /// Seconds of load before measuring, so pools and caches reach their steady state.
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
@@ -115,11 +132,18 @@ pub struct RunArgs {
     /// should be pruned); those samples are recorded apart.
     #[arg(long, default_value_t = 0.0)]
     pub linger: f64,
+    /// Milliseconds between two samples of --sample-url. Each sample carries `t_ms`, when it
+    /// was asked for, in ms since the run began. (poolsocks serves its pool counters from a
+    /// cache refreshed at most every 250 ms, so finer sampling repeats figures.)
+    #[arg(long, default_value_t = 1000)]
+    pub sample_interval_ms: u64,
     #[command(flatten)]
     pub record: RecordArgs,
 }
 
 struct Shared {
+    /// Sessions begun (warm-up included), for --sessions.
+    started: AtomicU64,
     sessions: AtomicU64,
     requests: AtomicU64,
     errors: AtomicU64,
@@ -131,37 +155,47 @@ struct WorkerResult {
     errors: BTreeMap<String, u64>,
     sessions: u64,
     requests: u64,
+    /// (start in µs since the run began, latency in µs or 0 for a failure), with --session-log.
+    log: Vec<(u64, u64)>,
 }
 
 pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let route = args.route.route()?;
     let targets = Arc::new(crate::targets::parse_set(&args.target.join(","))?);
     let upstream_addrs = parse_stats_addrs(&args.upstream_stats)?;
-    if args.concurrency == 0 || args.duration <= 0.0 || args.warmup < 0.0 {
+    let schedule = args.phases.clone().map(|phases| Schedule::new(phases.0));
+    let concurrency = schedule.as_ref().map_or(args.concurrency, Schedule::max_clients);
+    let total_secs = schedule.as_ref().map_or(args.warmup + args.duration, |s| s.total_secs);
+    if concurrency == 0 || total_secs <= args.warmup || args.warmup < 0.0 {
         return Err("concurrency and duration must be positive".into());
     }
+    if args.sample_interval_ms == 0 {
+        return Err("--sample-interval-ms must be positive".into());
+    }
+    let mut strace = match args.strace_pid {
+        Some(pid) => Some(crate::strace::Strace::attach(pid).await?),
+        None => None,
+    };
     let shared = Arc::new(Shared {
+        started: AtomicU64::new(0),
         sessions: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
     });
     let t0 = Instant::now();
     let measure_from = t0 + Duration::from_secs_f64(args.warmup);
-    let end = measure_from + Duration::from_secs_f64(args.duration);
+    let end = t0 + Duration::from_secs_f64(total_secs);
     let timeout = Duration::from_secs_f64(args.session_timeout);
     let random = targets.len() > 1 && !args.in_turn && !args.pin_targets;
     if let Some(base) = args.source_base {
-        if u32::from(base).checked_add(args.concurrency as u32).map(|last| last >> 24) != Some(127)
-        {
-            return Err(format!(
-                "--source-base {base} + {} clients leaves 127.0.0.0/8",
-                args.concurrency
-            ));
+        if u32::from(base).checked_add(concurrency as u32).map(|last| last >> 24) != Some(127) {
+            return Err(format!("--source-base {base} + {concurrency} clients leaves 127.0.0.0/8"));
         }
     }
 
-    let mut workers = Vec::with_capacity(args.concurrency);
-    for index in 0..args.concurrency {
+    let schedule = schedule.map(Arc::new);
+    let mut workers = Vec::with_capacity(concurrency);
+    for index in 0..concurrency {
         let worker = Worker {
             route: route.clone(),
             targets: targets.clone(),
@@ -177,6 +211,11 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
                 std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from(base) + index as u32))
             }),
             next: index,
+            index,
+            t0,
+            schedule: schedule.clone(),
+            session_limit: args.sessions,
+            log: args.session_log,
         };
         workers.push(tokio::spawn(worker.run()));
     }
@@ -185,10 +224,16 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let progress = tokio::spawn(progress(label, shared.clone(), t0, end));
     let linger = Duration::from_secs_f64(args.linger.max(0.0));
     let several = args.sample_url.len() > 1;
+    // Tells the samplers the load is over when the clients stop before `end` (--sessions).
+    let (load_done, load_done_rx) = tokio::sync::watch::channel(false);
     let samplers: Vec<_> = args
         .sample_url
         .iter()
-        .map(|url| (url.clone(), tokio::spawn(sample(url.clone(), end, linger))))
+        .map(|url| {
+            let every = Duration::from_millis(args.sample_interval_ms);
+            let done = load_done_rx.clone();
+            (url.clone(), tokio::spawn(sample(url.clone(), t0, every, end, linger, done)))
+        })
         .collect();
 
     tokio::time::sleep_until(measure_from.into()).await;
@@ -199,6 +244,7 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let mut request_hist = new_histogram();
     let mut errors = BTreeMap::new();
     let (mut sessions, mut requests) = (0, 0);
+    let mut session_log = Vec::new();
     for worker in workers {
         let result = worker.await.map_err(|e| format!("worker failed: {e}"))?;
         session_hist.add(&result.session_hist).map_err(|e| e.to_string())?;
@@ -208,8 +254,15 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
         }
         sessions += result.sessions;
         requests += result.requests;
+        session_log.extend(result.log);
     }
     let elapsed = measure_started.elapsed().as_secs_f64();
+    let _ = load_done.send(true);
+    let traced = match strace.take() {
+        Some(strace) => Some(strace.finish().await?),
+        None => None,
+    };
+    session_log.sort_unstable();
     let after = upstream_counts(&upstream_addrs).await;
     progress.abort();
     let (mut stats_samples, mut stats_after) = (Vec::new(), Vec::new());
@@ -235,13 +288,20 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
         }),
         _ => None,
     };
+    let mode = if traced.is_some() {
+        "syscalls"
+    } else if schedule.is_some() {
+        "step"
+    } else {
+        "run"
+    };
     Ok(RunRecord {
-        mode: "run".into(),
+        mode: mode.into(),
         label: args.record.label,
         scenario: args.record.scenario,
         round: args.record.round,
         route: args.route.describe(),
-        concurrency: args.concurrency,
+        concurrency,
         duration_secs: elapsed,
         requests_per_session: args.requests_per_session,
         destinations: targets.len(),
@@ -256,6 +316,15 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
         stats_samples,
         stats_after,
         linger_secs: args.linger,
+        warmup_secs: args.warmup,
+        sample_interval_ms: args.sample_interval_ms,
+        phases: args.phases.map(|phases| phases.0).unwrap_or_default(),
+        session_log,
+        traced_sessions: {
+            let started = shared.started.load(Ordering::Relaxed);
+            args.sessions.map_or(started, |limit| started.min(limit))
+        },
+        syscalls: traced.unwrap_or_default(),
         ..RunRecord::default()
     })
 }
@@ -275,6 +344,14 @@ struct Worker {
     /// `--source-base`: this client's source address.
     source: Option<std::net::IpAddr>,
     next: usize,
+    index: usize,
+    t0: Instant,
+    /// `--phases`: when this client runs.
+    schedule: Option<Arc<Schedule>>,
+    /// `--sessions`: sessions in all, over every client.
+    session_limit: Option<u64>,
+    /// `--session-log`.
+    log: bool,
 }
 
 impl Worker {
@@ -285,10 +362,30 @@ impl Worker {
             errors: BTreeMap::new(),
             sessions: 0,
             requests: 0,
+            log: Vec::new(),
         };
         let mut buf = ReadBuf::default();
         // Bounded: no session starts after `end`, and each is cut off at `timeout`.
         while Instant::now() < self.end {
+            if let Some(schedule) = &self.schedule {
+                let now = self.t0.elapsed().as_secs_f64();
+                match schedule.next_turn(self.index, now) {
+                    Some(at) if at <= now => {}
+                    Some(at) => {
+                        let wake = (self.t0 + Duration::from_secs_f64(at)).min(self.end);
+                        tokio::time::sleep_until(wake.into()).await;
+                        continue;
+                    }
+                    None => break,
+                }
+            }
+            if let Some(limit) = self.session_limit {
+                if self.shared.started.fetch_add(1, Ordering::Relaxed) >= limit {
+                    break;
+                }
+            } else {
+                self.shared.started.fetch_add(1, Ordering::Relaxed);
+            }
             let target = self.pick();
             let started = Instant::now();
             let measured = started >= self.measure_from;
@@ -304,6 +401,10 @@ impl Worker {
             };
             let done = request_times.len() as u64;
             self.shared.requests.fetch_add(done, Ordering::Relaxed);
+            if self.log {
+                let latency = if outcome.is_ok() { micros(started.elapsed()) } else { 0 };
+                result.log.push((micros(started - self.t0), latency));
+            }
             match outcome {
                 Ok(()) => {
                     self.shared.sessions.fetch_add(1, Ordering::Relaxed);
@@ -363,6 +464,77 @@ impl Worker {
     }
 }
 
+/// One step of `--phases`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Phase {
+    pub clients: usize,
+    pub secs: f64,
+}
+
+/// `--phases` as given (a newtype: clap would take a bare `Vec` for a repeatable option).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Phases(pub Vec<Phase>);
+
+fn parse_phases(text: &str) -> Result<Phases, String> {
+    let phases = text
+        .split(',')
+        .map(|item| {
+            let (clients, secs) = item
+                .trim()
+                .split_once(':')
+                .ok_or_else(|| format!("bad phase {item:?}: expected CLIENTS:SECONDS"))?;
+            let clients: usize =
+                clients.parse().map_err(|e| format!("bad client count in {item:?}: {e}"))?;
+            let secs: f64 = secs.parse().map_err(|e| format!("bad seconds in {item:?}: {e}"))?;
+            if !(secs > 0.0 && secs.is_finite()) || clients > 10_000 {
+                return Err(format!("bad phase {item:?}: seconds > 0, at most 10,000 clients"));
+            }
+            Ok(Phase { clients, secs })
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if phases.iter().all(|p| p.clients == 0) {
+        return Err("--phases: no phase has a client".into());
+    }
+    Ok(Phases(phases))
+}
+
+/// `--phases` as start times.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    /// (start in seconds since the run began, clients).
+    starts: Vec<(f64, usize)>,
+    pub total_secs: f64,
+}
+
+impl Schedule {
+    pub fn new(phases: Vec<Phase>) -> Self {
+        let mut at = 0.0;
+        let starts = phases
+            .iter()
+            .map(|p| {
+                let start = at;
+                at += p.secs;
+                (start, p.clients)
+            })
+            .collect();
+        Schedule { starts, total_secs: at }
+    }
+
+    pub fn max_clients(&self) -> usize {
+        self.starts.iter().map(|(_, c)| *c).max().unwrap_or(0)
+    }
+
+    /// When client `index` may start a session at or after `now`: `now` itself if its phase
+    /// runs it, else the start of the next phase that does, or `None` if none does.
+    pub fn next_turn(&self, index: usize, now: f64) -> Option<f64> {
+        let current = self.starts.iter().rposition(|(start, _)| *start <= now).unwrap_or(0);
+        if now < self.total_secs && self.starts[current].1 > index {
+            return Some(now);
+        }
+        self.starts[current + 1..].iter().find(|(_, clients)| *clients > index).map(|(s, _)| *s)
+    }
+}
+
 fn parse_source_base(text: &str) -> Result<std::net::Ipv4Addr, String> {
     let ip: std::net::Ipv4Addr = text.parse().map_err(|e| format!("bad address {text:?}: {e}"))?;
     if !ip.is_loopback() {
@@ -399,29 +571,64 @@ async fn progress(label: String, shared: Arc<Shared>, t0: Instant, end: Instant)
 
 type Samples = Vec<serde_json::Value>;
 
-/// Samples a JSON endpoint once a second until `end` and then for `linger` more; failures are
-/// skipped, not fatal. Returns (samples under load, samples after it).
-async fn sample(url: String, end: Instant, linger: Duration) -> (Samples, Samples) {
+/// Samples a JSON endpoint every `every` until `end` and then for `linger` more; failures are
+/// skipped, not fatal. Each sample gets `t_ms`, when it was asked for, in ms since `t0`. The
+/// load ends at `end` or when `load_done` says so; one sample is taken then and counted with
+/// those under load. Returns (samples under load, samples after it).
+async fn sample(
+    url: String,
+    t0: Instant,
+    every: Duration,
+    mut end: Instant,
+    linger: Duration,
+    mut load_done: tokio::sync::watch::Receiver<bool>,
+) -> (Samples, Samples) {
     let (mut during, mut after) = (Vec::new(), Vec::new());
     let Some((addr, path)) = split_url(&url) else {
         eprintln!("--sample-url {url:?}: expected HOST:PORT/PATH on loopback; not sampling");
         return (during, after);
     };
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let stop = end + linger;
+    let mut tick = tokio::time::interval(every);
+    // A slow answer delays the next sample rather than bunching the ones after it.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop = end + linger;
+    let mut ended_early = false;
+    // The sample at the end of the load: the counters of the last partial interval.
+    let mut final_taken = false;
     // Bounded by `stop`; the first tick fires at once, so even a short run gets a sample.
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            changed = load_done.changed(), if !ended_early => {
+                // The clients stopped (at `end`, or earlier with --sessions): sample now, then
+                // linger from now.
+                ended_early = true;
+                if changed.is_err() || !*load_done.borrow() {
+                    continue;
+                }
+                end = end.min(Instant::now());
+                stop = end + linger;
+            }
+        }
         let now = Instant::now();
-        if now >= stop {
+        let last = now >= end && !final_taken;
+        if now >= stop && !last {
             break;
         }
-        if let Ok(value) = fetch_json(addr, &path).await {
-            if now < end {
+        final_taken |= last;
+        if let Ok(mut value) = fetch_json(addr, &path).await {
+            if let Some(object) = value.as_object_mut() {
+                let t_ms = now.saturating_duration_since(t0).as_secs_f64() * 1000.0;
+                object.insert("t_ms".into(), serde_json::json!((t_ms * 10.0).round() / 10.0));
+            }
+            if now < end || last {
                 during.push(value);
             } else {
                 after.push(value);
             }
+        }
+        if now >= stop {
+            break;
         }
     }
     if !linger.is_zero() {
@@ -487,6 +694,14 @@ pub fn print_summary(record: &RunRecord) {
     for (kind, count) in &record.errors {
         println!("  error {kind}: {count}");
     }
+    if !record.syscalls.is_empty() {
+        let total: u64 = record.syscalls.values().map(|c| c.calls).sum();
+        println!(
+            "  syscalls: {total} over {} sessions ({:.1} per session)",
+            record.traced_sessions,
+            total as f64 / record.traced_sessions.max(1) as f64
+        );
+    }
     if let Some(up) = &record.upstream {
         println!(
             "  upstream saw {} new connections for {} requests ({:.2} connections per session)",
@@ -494,5 +709,27 @@ pub fn print_summary(record: &RunRecord) {
             up.requests,
             up.connections as f64 / (record.sessions.max(1)) as f64
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phases_parse_and_schedule_clients() {
+        let phases = parse_phases("2:5,32:10,2:35").expect("phases").0;
+        assert_eq!(phases[1], Phase { clients: 32, secs: 10.0 });
+        assert!(parse_phases("2:0").is_err());
+        assert!(parse_phases("0:1").is_err());
+        let schedule = Schedule::new(phases);
+        assert_eq!(schedule.max_clients(), 32);
+        assert_eq!(schedule.total_secs, 50.0);
+        // Client 0 always runs; client 5 only from 5 s to 15 s.
+        assert_eq!(schedule.next_turn(0, 1.0), Some(1.0));
+        assert_eq!(schedule.next_turn(5, 1.0), Some(5.0));
+        assert_eq!(schedule.next_turn(5, 7.0), Some(7.0));
+        assert_eq!(schedule.next_turn(5, 15.0), None);
+        assert_eq!(schedule.next_turn(0, 50.0), None);
     }
 }

@@ -113,6 +113,23 @@ pub struct RunRecord {
     /// Samples taken after the load stopped (for `linger_secs`).
     pub stats_after: Vec<serde_json::Value>,
     pub linger_secs: f64,
+    pub warmup_secs: f64,
+    /// Milliseconds between two stats samples (samples carry `t_ms` since the run began).
+    pub sample_interval_ms: u64,
+    /// `--phases`: clients over time (mode "step").
+    pub phases: Vec<crate::run::Phase>,
+    /// `--session-log`: (start in µs since the run began, latency in µs, 0 for a failure).
+    pub session_log: Vec<(u64, u64)>,
+    /// Sessions begun while `strace` counted (mode "syscalls").
+    pub traced_sessions: u64,
+    /// `strace -c` of the proxy over the run, by syscall.
+    pub syscalls: BTreeMap<String, SyscallCount>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SyscallCount {
+    pub calls: u64,
+    pub errors: u64,
 }
 
 impl RunRecord {

@@ -12,20 +12,44 @@
 //! manager keeps no more lent slots than sessions out, and gives a lent slot to the background
 //! dial that replaces the spare (`Claimed`). When room is needed, a lent slot of another
 //! destination is taken back first (it holds no connection), before any spare is evicted.
+//!
+//! # Admission when full (in the spirit of TinyLFU)
+//! Evicting a spare to make room is only worth it for a destination asked for more often than
+//! the victim's: otherwise the newcomer's spare is just as likely to be evicted unused in turn,
+//! and every miss would cost a second connection (1,000 destinations under the default limits
+//! saw 1.9 upstream connections per session). So a reservation carries its destination's
+//! checkout rate over 30 s (`refill::ADMISSION_WINDOW`), the budget remembers each
+//! destination's latest (decayed with the same time constant), and when full it evicts the
+//! least recently pooled spare only if the requester is at least [`ADMISSION_MARGIN`] times
+//! hotter and has had at least [`MIN_CHECKOUTS_TO_EVICT`] checkouts in the window; else it
+//! refuses. The long window, the margin and the minimum absorb the noise of two estimates:
+//! with similar destinations nothing is evicted and the spares stay where they are, hit by
+//! their own destinations; a destination much busier than the victim's wins at once.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use super::messages::{BudgetMsg, ManagerMsg, SlotId};
+use super::refill::ADMISSION_WINDOW;
 use super::stats::BudgetStats;
+
+/// How much hotter a destination must be than a spare's to have that spare evicted for it
+/// (the default of `PoolOptions::eviction_margin`).
+pub const ADMISSION_MARGIN: f64 = 2.0;
+/// Checkouts within `ADMISSION_WINDOW` a destination must have had before it may evict
+/// another's spare: a handful of checkouts ranks nothing (their rate estimate is all noise).
+pub const MIN_CHECKOUTS_TO_EVICT: f64 = 8.0;
 
 pub struct GlobalBudget;
 
 pub struct BudgetArgs {
     pub max_total_idle: usize,
+    /// See [`ADMISSION_MARGIN`]; 0 evicts for anyone (harnesses of the eviction mechanics).
+    pub eviction_margin: f64,
     pub stats: Arc<watch::Sender<BudgetStats>>,
 }
 
@@ -46,12 +70,15 @@ struct Slot {
 
 pub struct BudgetState {
     max: usize,
+    eviction_margin: f64,
     slots: HashMap<SlotId, Slot>,
     /// Pooled slots by the order they were pooled: the first entry is the eviction victim.
     pooled_order: BTreeMap<u64, SlotId>,
     /// Lent slots: taken back first when room is needed.
     lent: BTreeSet<SlotId>,
     waiters: VecDeque<(ActorRef<ManagerMsg>, u64)>,
+    /// Each owner's checkout rate as of its latest reservation.
+    rates: HashMap<ActorId, (f64, Instant)>,
     next_slot: SlotId,
     next_seq: u64,
     /// Kept up to date on every transition (not recounted), so publishing is O(1) however many
@@ -72,10 +99,12 @@ impl Actor for GlobalBudget {
     ) -> Result<Self::State, ActorProcessingErr> {
         let state = BudgetState {
             max: args.max_total_idle,
+            eviction_margin: args.eviction_margin,
             slots: HashMap::new(),
             pooled_order: BTreeMap::new(),
             lent: BTreeSet::new(),
             waiters: VecDeque::new(),
+            rates: HashMap::new(),
             next_slot: 1,
             next_seq: 1,
             stats: BudgetStats { max_total_idle: args.max_total_idle, ..Default::default() },
@@ -92,9 +121,15 @@ impl Actor for GlobalBudget {
         state: &mut BudgetState,
     ) -> Result<(), ActorProcessingErr> {
         match message {
-            BudgetMsg::Reserve { owner, tag } => state.reserve(owner, tag),
-            BudgetMsg::Pooled { slot } => state.pooled(slot),
-            BudgetMsg::Lent { slot } => state.lent(slot),
+            BudgetMsg::Reserve { owner, tag, rate } => state.reserve(owner, tag, rate),
+            BudgetMsg::Pooled { slot, rate } => {
+                state.note_rate(slot, rate);
+                state.pooled(slot)
+            }
+            BudgetMsg::Lent { slot, rate } => {
+                state.note_rate(slot, rate);
+                state.lent(slot)
+            }
             BudgetMsg::Claimed { slot } => state.claimed(slot),
             BudgetMsg::Release { slot } => state.release(slot),
             BudgetMsg::ReleaseOwner(owner) => state.release_owner(owner),
@@ -109,7 +144,24 @@ impl Actor for GlobalBudget {
 }
 
 impl BudgetState {
-    fn reserve(&mut self, owner: ActorRef<ManagerMsg>, tag: u64) {
+    /// Records the rate of the owner of `slot`, as its manager just reported it.
+    fn note_rate(&mut self, slot: SlotId, rate: f64) {
+        if let Some(owner) = self.slots.get(&slot).map(|s| s.owner.get_id()) {
+            self.rates.insert(owner, (rate, Instant::now()));
+        }
+    }
+
+    /// `owner`'s rate decayed to `now` (0 if it never said).
+    fn rate_of(&self, owner: &ActorId, now: Instant) -> f64 {
+        self.rates.get(owner).map_or(0.0, |&(rate, at)| {
+            let elapsed = now.saturating_duration_since(at).as_secs_f64();
+            rate * (-elapsed / ADMISSION_WINDOW.as_secs_f64()).exp()
+        })
+    }
+
+    fn reserve(&mut self, owner: ActorRef<ManagerMsg>, tag: u64, rate: f64) {
+        let now = Instant::now();
+        self.rates.insert(owner.get_id(), (rate, now));
         if self.slots.len() < self.max {
             self.grant(owner, tag);
             return;
@@ -123,7 +175,24 @@ impl BudgetState {
         let lent = self.lent.iter().copied().find(|slot| other(slot));
         let victim = match lent {
             Some(slot) => Some(slot),
-            None => self.pooled_order.values().copied().find(|slot| other(slot)),
+            None => {
+                let oldest = self.pooled_order.values().copied().find(|slot| other(slot));
+                let victim_rate = oldest
+                    .and_then(|slot| self.slots.get(&slot))
+                    .map(|slot| self.rate_of(&slot.owner.get_id(), now));
+                let proven = self.eviction_margin == 0.0
+                    || rate * ADMISSION_WINDOW.as_secs_f64() >= MIN_CHECKOUTS_TO_EVICT;
+                match victim_rate {
+                    // A spare is evicted only for a destination clearly and steadily hotter
+                    // than its own.
+                    Some(victim_rate) if !proven || rate < victim_rate * self.eviction_margin => {
+                        self.stats.denied_colder += 1;
+                        let _ = owner.cast(ManagerMsg::SlotDenied { tag });
+                        return;
+                    }
+                    _ => oldest,
+                }
+            }
         };
         match victim {
             Some(slot_id) => {
@@ -292,6 +361,7 @@ impl BudgetState {
             self.release(slot);
         }
         self.waiters.retain(|(o, _)| o.get_id() != owner);
+        self.rates.remove(&owner);
         self.grant_waiters();
     }
 

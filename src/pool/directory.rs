@@ -52,18 +52,50 @@ pub struct DirectoryArgs {
 /// Each destination's live PoolManager, written only by the Directory, read by `Pool` handles
 /// so that a checkout needs no Directory hop. A read lock is held only for a map lookup.
 #[derive(Clone, Default)]
-pub struct Routes(Arc<RwLock<HashMap<TargetAddr, ActorRef<ManagerMsg>>>>);
+pub struct Routes(Arc<RwLock<HashMap<TargetAddr, Route>>>);
+
+/// Where a handle sends a destination's checkouts, and what it may skip.
+#[derive(Clone)]
+pub struct Route {
+    pub manager: ActorRef<ManagerMsg>,
+    /// The manager's published view: a destination it keeps no spares for, for a reason that
+    /// lasts (cheap dials, excluded), is dialed by the handle without a message (see `Pool`).
+    view: watch::Receiver<DestStats>,
+    /// Checkouts seen for this route, so that one in [`BYPASS_SAMPLE`] still goes to the
+    /// manager and keeps its measurements (dial time, rate) current.
+    seen: Arc<std::sync::atomic::AtomicU32>,
+}
+
+/// One checkout in this many of a bypassed destination still goes through its manager.
+pub const BYPASS_SAMPLE: u32 = 16;
+
+impl Route {
+    /// Whether this checkout may skip the manager: the destination gets no spares for a
+    /// lasting reason, and this is not a sampled checkout.
+    pub fn bypass(&self) -> bool {
+        let lasting = matches!(
+            self.view.borrow().policy.reason,
+            super::stats::TargetReason::CheapDial | super::stats::TargetReason::Excluded
+        );
+        lasting && self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % BYPASS_SAMPLE != 0
+    }
+}
 
 impl Routes {
-    pub fn get(&self, target: &TargetAddr) -> Option<ActorRef<ManagerMsg>> {
+    pub fn get(&self, target: &TargetAddr) -> Option<Route> {
         // A poisoned lock (a panic mid-update, which these short sections cannot do) only
         // costs the shortcut: callers then go through the Directory.
         self.0.read().ok().and_then(|map| map.get(target).cloned())
     }
 
-    fn set(&self, target: TargetAddr, manager: ActorRef<ManagerMsg>) {
+    fn set(
+        &self,
+        target: TargetAddr,
+        manager: ActorRef<ManagerMsg>,
+        view: watch::Receiver<DestStats>,
+    ) {
         if let Ok(mut map) = self.0.write() {
-            map.insert(target, manager);
+            map.insert(target, Route { manager, view, seen: Arc::default() });
         }
     }
 
@@ -262,7 +294,11 @@ async fn spawn_budget(
     options: &PoolOptions,
     stats: &Arc<watch::Sender<BudgetStats>>,
 ) -> Result<ActorRef<BudgetMsg>, ActorProcessingErr> {
-    let args = BudgetArgs { max_total_idle: options.max_total_idle, stats: Arc::clone(stats) };
+    let args = BudgetArgs {
+        max_total_idle: options.max_total_idle,
+        eviction_margin: options.eviction_margin,
+        stats: Arc::clone(stats),
+    };
     let (budget, _) = Actor::spawn_linked(None, GlobalBudget, args, directory.get_cell()).await?;
     Ok(budget)
 }
@@ -349,7 +385,7 @@ impl DirectoryState {
         match Actor::spawn_linked(None, PoolManager, args, myself.get_cell()).await {
             Ok((manager, _)) => {
                 self.by_id.insert(manager.get_id(), target.clone());
-                self.routes.set(target.clone(), manager.clone());
+                self.routes.set(target.clone(), manager.clone(), stats.subscribe());
                 self.managers.insert(target, Entry { manager: manager.clone(), stats });
                 Some(manager)
             }

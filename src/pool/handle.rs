@@ -38,6 +38,8 @@ pub struct Pool {
     options: Arc<ArcSwap<PoolOptions>>,
     telemetry: Telemetry,
     fallback_dials: Arc<AtomicU64>,
+    /// Checkouts of destinations kept without spares, dialed without asking their manager.
+    bypassed: Arc<AtomicU64>,
 }
 
 /// Harness calls are not on a client's path; this only bounds a wedged pool.
@@ -68,6 +70,7 @@ impl Pool {
             options: Arc::new(ArcSwap::from_pointee(options)),
             telemetry,
             fallback_dials: Arc::new(AtomicU64::new(0)),
+            bypassed: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -110,6 +113,7 @@ impl Pool {
     pub async fn stats(&self) -> Result<PoolStats, PoolError> {
         let mut stats = self.ask(DirectoryMsg::Stats).await?;
         stats.fallback_dials = self.fallback_dials.load(Ordering::Relaxed);
+        stats.bypassed = self.bypassed.load(Ordering::Relaxed);
         Ok(stats)
     }
 
@@ -162,7 +166,12 @@ impl Pool {
     /// pruned), since the Directory knows what replaced it.
     async fn checkout(&self, target: &TargetAddr) -> Result<Checkout, String> {
         let checkout_timeout = self.options.load().checkout_timeout;
-        if let Some(manager) = self.routes.get(target) {
+        if let Some(route) = self.routes.get(target) {
+            if route.bypass() {
+                self.bypassed.fetch_add(1, Ordering::Relaxed);
+                return Ok(Checkout::Pass);
+            }
+            let manager = route.manager;
             match manager.call(ManagerMsg::AcquireDirect, Some(checkout_timeout)).await {
                 Ok(CallResult::Success(checkout)) => return Ok(checkout),
                 // A wedged manager: the client has waited long enough, it dials directly.
@@ -265,6 +274,7 @@ impl Connector for Pool {
                         lease.stale();
                     }
                     Ok(Checkout::Miss { lease }) => return self.dial_for_miss(target, lease).await,
+                    // A first sighting, or a destination dialed directly (see `Route::bypass`).
                     Ok(Checkout::Pass) => return Ok(Upstream::dialed(self.dial(target).await?)),
                     Err(why) => {
                         self.fallback_dials.fetch_add(1, Ordering::Relaxed);

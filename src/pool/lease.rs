@@ -17,11 +17,13 @@ pub struct PoolLease {
     hit: bool,
     /// When the connection was dialed: a hit's spare, or a miss's own dial once it succeeded.
     born: Option<Instant>,
+    /// When the checkout was answered: a session's duration counts from here.
+    checked_out: Instant,
 }
 
 impl PoolLease {
     pub(crate) fn new(manager: ActorRef<ManagerMsg>, hit: bool, born: Option<Instant>) -> Self {
-        PoolLease { manager: Some(manager), hit, born }
+        PoolLease { manager: Some(manager), hit, born, checked_out: Instant::now() }
     }
 
     /// Whether a spare came with this lease.
@@ -54,7 +56,8 @@ impl PoolLease {
             };
             // If the manager is gone (restarted), the message comes back and the stream in it is
             // closed; the replacement manager never counted this lease.
-            let _ = manager.cast(ManagerMsg::Release { returned, hit: self.hit, outcome });
+            let held = self.checked_out.elapsed();
+            let _ = manager.cast(ManagerMsg::Release { returned, hit: self.hit, outcome, held });
         }
     }
 }

@@ -37,6 +37,10 @@ use super::handle::dial_within;
 
 pub struct PoolManager;
 
+/// A destination whose clients come further apart than this share of `idle_timeout` gets no
+/// spare: it would most likely expire before the next one.
+const RARELY_USED_FRACTION: f64 = 0.75;
+
 pub struct ManagerArgs {
     pub destination: TargetAddr,
     pub options: Arc<PoolOptions>,
@@ -181,7 +185,8 @@ impl ManagerState {
                 let checkout = self.checkout(myself);
                 self.unanswered = Some((reply, checkout));
             }
-            ManagerMsg::Release { returned, hit, outcome } => {
+            ManagerMsg::Release { returned, hit, outcome, held } => {
+                self.refill.observe_session(held);
                 match outcome {
                     LeaseOutcome::Served if hit => self.counters.hits += 1,
                     LeaseOutcome::Stale => self.counters.stale_checkouts += 1,
@@ -197,6 +202,9 @@ impl ManagerState {
                     self.counters.created += 1;
                     // The client's own dial measures the path as well as a background one.
                     self.refill.observe_dial(took);
+                    // Only now: a destination that refuses or does not resolve gets no
+                    // background dial (one client's typo used to start one, and a warning).
+                    self.maybe_refill(myself, Instant::now());
                 } else {
                     self.counters.connect_failures += 1;
                 }
@@ -263,7 +271,8 @@ impl ManagerState {
                     Ok(stream) => {
                         // The session keeps the slot in case its connection comes back untouched.
                         self.lent_slots.push(slot);
-                        let _ = self.budget.cast(BudgetMsg::Lent { slot });
+                        let rate = self.refill.admission_rate(now);
+                        let _ = self.budget.cast(BudgetMsg::Lent { slot, rate });
                         self.server_limit.observe_hand_out(age);
                         found = Some((stream, born));
                         break;
@@ -274,20 +283,21 @@ impl ManagerState {
             self.release_slot(slot);
         }
         self.in_use += 1;
-        let checkout = match found {
+        match found {
             Some((stream, born)) => {
                 // A hit is counted once the client is served on it (see `Release`).
                 self.counters.reused += 1;
                 let lease = PoolLease::new(myself.clone(), true, Some(born));
+                // Its replacement, at once.
+                self.maybe_refill(myself, now);
                 Checkout::Hit { stream, lease }
             }
             None => {
+                // Spares for the next clients once this one's own dial has succeeded.
                 self.counters.misses += 1;
                 Checkout::Miss { lease: PoolLease::new(myself.clone(), false, None) }
             }
-        };
-        self.maybe_refill(myself, now);
-        checkout
+        }
     }
 
     /// Spares held or on their way in; the per-destination limit bounds this.
@@ -320,7 +330,8 @@ impl ManagerState {
         }
         let tag = self.next_tag;
         self.next_tag += 1;
-        let request = BudgetMsg::Reserve { owner: myself.clone(), tag };
+        let rate = self.refill.admission_rate(Instant::now());
+        let request = BudgetMsg::Reserve { owner: myself.clone(), tag, rate };
         if self.budget.cast(request).is_ok() {
             self.awaiting.insert(tag, purpose);
         } else {
@@ -329,15 +340,28 @@ impl ManagerState {
         }
     }
 
-    /// Spares wanted now, and why: the demand-sized target, unless this destination gets none.
+    /// Spares wanted now, and why: the demand-sized target, unless a spare here cannot pay
+    /// (see the module docs of `refill` and `server_limit`, and README "When a spare pays").
     fn target(&self, now: Instant) -> (usize, TargetReason) {
         if self.excluded {
             return (0, TargetReason::Excluded);
         }
+        if self.refill.dial_time().is_some_and(|dial| dial < self.options.cheap_dial) {
+            return (0, TargetReason::CheapDial);
+        }
         if !self.server_limit.spares_pay(self.refill.rate_at(now), now) {
             return (0, TargetReason::ServerIdleLimit);
         }
-        (self.refill.target(now).min(self.options.max_idle_per_dest), TargetReason::Demand)
+        // A destination asked for less often than a spare lives would only see it expire
+        // (judged on the measured gaps between its checkouts, not on a decaying rate).
+        let rarely = self.options.idle_timeout.mul_f64(RARELY_USED_FRACTION);
+        if self.server_limit.checkout_gap().is_some_and(|gap| gap > rarely) {
+            return (0, TargetReason::RarelyUsed);
+        }
+        (
+            self.refill.target(now, self.in_use).min(self.options.max_idle_per_dest),
+            TargetReason::Demand,
+        )
     }
 
     fn release(&mut self, myself: &ActorRef<ManagerMsg>, returned: Option<Returned>) {
@@ -528,7 +552,8 @@ impl ManagerState {
         spare.watch(myself);
         self.idle.push(spare);
         self.idle_high_water = self.idle_high_water.max(self.idle.len());
-        let _ = self.budget.cast(BudgetMsg::Pooled { slot });
+        let rate = self.refill.admission_rate(Instant::now());
+        let _ = self.budget.cast(BudgetMsg::Pooled { slot, rate });
     }
 
     fn release_slot(&self, slot: SlotId) {
@@ -678,7 +703,7 @@ impl ManagerState {
     fn trim_surplus(&mut self, now: Instant) -> u64 {
         let keep = match self.target(now) {
             (0, _) => 0,
-            _ => self.refill.keep_at_most(now),
+            _ => self.refill.keep_at_most(now, self.in_use),
         };
         let mut trimmed = 0;
         while self.committed() > keep
@@ -708,7 +733,7 @@ impl ManagerState {
             awaiting_slots: self.awaiting.len() as u64,
             backing_off: self.backoff.is_active(now),
             last_activity_ms: unix_ms_at(self.last_activity, now),
-            refill: self.refill.stats(now),
+            refill: self.refill.stats(now, self.in_use),
             policy: self.policy(now),
             counters: self.counters,
         }
@@ -736,7 +761,7 @@ impl ManagerState {
             s.awaiting_slots = self.awaiting.len() as u64;
             s.backing_off = self.backoff.is_active(now);
             s.last_activity_ms = unix_ms_at(self.last_activity, now);
-            s.refill = self.refill.stats(now);
+            s.refill = self.refill.stats(now, self.in_use);
             s.policy = self.policy(now);
             s.counters = self.counters;
         });

@@ -105,8 +105,9 @@ pub enum ManagerMsg {
     /// copy of the route. Refused (the reply port is dropped, so the caller asks the Directory
     /// instead) once this manager has reported itself cold to a sweep: it may be stopping.
     AcquireDirect(RpcReplyPort<Checkout>),
-    /// A lease ended: how, whether it was a hit, and the stream back if it is still a spare.
-    Release { returned: Option<Returned>, hit: bool, outcome: LeaseOutcome },
+    /// A lease ended: how, whether it was a hit, the stream back if it is still a spare, and
+    /// how long the session held it.
+    Release { returned: Option<Returned>, hit: bool, outcome: LeaseOutcome, held: Duration },
     /// The caller of a `Miss` finished its own dial (`took`: how long, which the refill target
     /// uses as a measure of the path). `excluded`: it landed on an excluded network, so this
     /// destination gets no spares.
@@ -144,13 +145,15 @@ pub enum ManagerMsg {
 pub enum BudgetMsg {
     /// Asks for a slot; answered later by `ManagerMsg::SlotGranted`/`SlotDenied` with `tag`.
     /// Asynchronous on purpose: the budget may first have to evict a spare from another
-    /// manager, and a manager must never block waiting on the budget.
-    Reserve { owner: ActorRef<ManagerMsg>, tag: u64 },
-    /// The slot's connection now sits idle in its pool (so it may be evicted).
-    Pooled { slot: SlotId },
+    /// manager, and a manager must never block waiting on the budget. `rate` is the owner's
+    /// checkouts per second: when full, the budget evicts only for a hotter destination.
+    Reserve { owner: ActorRef<ManagerMsg>, tag: u64, rate: f64 },
+    /// The slot's connection now sits idle in its pool (so it may be evicted). `rate`: the
+    /// owner's checkouts per second now (what admission compares).
+    Pooled { slot: SlotId, rate: f64 },
     /// The slot's spare was handed out; its manager keeps the slot for that session, in case
     /// the connection comes back untouched.
-    Lent { slot: SlotId },
+    Lent { slot: SlotId, rate: f64 },
     /// A lent slot now carries a background dial (the replacement of the spare handed out).
     Claimed { slot: SlotId },
     /// The slot is free again (its spare was handed out, closed, or its dial failed).

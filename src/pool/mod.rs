@@ -54,6 +54,7 @@
 //! let config = PoolConfig { enabled: true, ..PoolConfig::default() };
 //! let mut options = PoolOptions::from_config(&config);
 //! options.janitor_period = None; // the harness runs the Janitor itself
+//! options.cheap_dial = std::time::Duration::ZERO; // spares even for this loopback upstream
 //! let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled()).await?;
 //!
 //! // First sighting of a destination: dialed for us, only remembered (no manager, no spare).

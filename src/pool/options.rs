@@ -41,6 +41,12 @@ pub struct PoolOptions {
     pub admission: Admission,
     /// Destinations with a PoolManager at most (`[server.pool] max_destinations`).
     pub max_destinations: usize,
+    /// A destination whose measured dial time is below this gets no spares
+    /// (`[server.pool] cheap_dial_us`).
+    pub cheap_dial: Duration,
+    /// When the budget is full, a spare is evicted only for a destination this many times
+    /// hotter than its own (see `budget`); 0 evicts for anyone.
+    pub eviction_margin: f64,
 }
 
 impl PoolOptions {
@@ -71,6 +77,8 @@ impl PoolOptions {
             // for again within it could not have used one.
             admission: Admission::SecondSighting { window: idle_timeout },
             max_destinations: config.max_destinations,
+            cheap_dial: Duration::from_micros(config.cheap_dial_us),
+            eviction_margin: super::budget::ADMISSION_MARGIN,
         }
     }
 }

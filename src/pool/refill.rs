@@ -12,6 +12,14 @@
 //! most `max_idle_per_dest`. `λ` decays exponentially when checkouts stop, so the target
 //! falls back to 1 within a few `RATE_WINDOW`s; surplus spares are then not replaced, and the
 //! Janitor closes those idle longer than `SURPLUS_GRACE` (oldest first, as LIFO leaves them).
+//!
+//! # Reacting within a few dial times
+//! A rate averaged over `RATE_WINDOW` (2 s) lags a step in demand by seconds: hundreds of round
+//! trips at 10 ms. Little's law gives a second, instantaneous estimate from the sessions in use
+//! now: `λ ≈ in_use / S`, with `S` the moving average of a session's duration (checkout to
+//! release). When 30 clients arrive at once, `in_use` jumps at once, and so does the target:
+//! the misses of that first round start the dials that serve the second. The demand used is the
+//! larger of the two estimates, so the slow one carries the target through short lulls.
 
 use std::time::Duration;
 
@@ -35,8 +43,14 @@ pub enum RefillMode {
 /// Time constant of the checkout-rate estimate: long enough to smooth out one burst, short
 /// enough that the target follows a change in load within seconds.
 pub const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// Time constant of the slower rate that the GlobalBudget compares when deciding whether one
+/// destination's spare may be evicted for another's: over a few checkouts the 2-s rate is too
+/// noisy to rank destinations (evictions between equally busy ones), this one is not.
+pub const ADMISSION_WINDOW: Duration = Duration::from_secs(30);
 /// Weight of the newest dial in the dial-time average (1/5: a few dials to move it).
 const DIAL_TIME_WEIGHT: f64 = 0.2;
+/// Weight of the newest session in the session-duration average.
+const SESSION_WEIGHT: f64 = 0.1;
 /// Standard deviations of arrivals during one dial that the idle stock should cover.
 const HEADROOM_SIGMAS: f64 = 2.0;
 /// Background dials one event (a checkout, a finished dial) may start at once: the pool ramps
@@ -55,6 +69,8 @@ pub struct RefillStats {
     pub checkouts_per_sec: f64,
     /// Average recent dial time in milliseconds; `None` until a dial has been timed.
     pub dial_time_ms: Option<f64>,
+    /// Average recent session duration (checkout to release) in milliseconds.
+    pub session_ms: Option<f64>,
     /// `checkouts_per_sec × dial time`: spares in flight by Little's law, before headroom.
     pub demand_spares: f64,
 }
@@ -64,15 +80,26 @@ pub struct RefillStats {
 pub struct RefillTarget {
     mode: RefillMode,
     max_idle_per_dest: usize,
-    /// Checkouts per second as of `rate_at`.
+    /// Checkouts per second as of `rate_at`, over `RATE_WINDOW` and over `ADMISSION_WINDOW`.
     rate: f64,
+    slow_rate: f64,
     rate_at: Option<Instant>,
     dial_secs: Option<f64>,
+    /// Moving average of a session's duration, from checkout to release.
+    session_secs: Option<f64>,
 }
 
 impl RefillTarget {
     pub fn new(mode: RefillMode, max_idle_per_dest: usize) -> Self {
-        RefillTarget { mode, max_idle_per_dest, rate: 0.0, rate_at: None, dial_secs: None }
+        RefillTarget {
+            mode,
+            max_idle_per_dest,
+            rate: 0.0,
+            slow_rate: 0.0,
+            rate_at: None,
+            dial_secs: None,
+            session_secs: None,
+        }
     }
 
     /// A reloaded `max_idle_per_dest`; the measurements carry on.
@@ -88,7 +115,19 @@ impl RefillTarget {
     /// `e^(-t/RATE_WINDOW)`, so at a steady rate it converges to that rate).
     pub fn observe_checkout(&mut self, now: Instant) {
         self.rate = self.rate_at(now) + 1.0 / RATE_WINDOW.as_secs_f64();
+        self.slow_rate = self.admission_rate(now) + 1.0 / ADMISSION_WINDOW.as_secs_f64();
         self.rate_at = Some(now);
+    }
+
+    /// Checkouts per second over [`ADMISSION_WINDOW`], decayed to `now`.
+    pub fn admission_rate(&self, now: Instant) -> f64 {
+        match self.rate_at {
+            Some(at) => {
+                let elapsed = now.saturating_duration_since(at).as_secs_f64();
+                self.slow_rate * (-elapsed / ADMISSION_WINDOW.as_secs_f64()).exp()
+            }
+            None => 0.0,
+        }
     }
 
     /// A successful dial to this destination took `took`.
@@ -98,6 +137,20 @@ impl RefillTarget {
             Some(avg) => avg + DIAL_TIME_WEIGHT * (took - avg),
             None => took,
         });
+    }
+
+    /// A session ended `held` after its checkout.
+    pub fn observe_session(&mut self, held: Duration) {
+        let held = held.as_secs_f64();
+        self.session_secs = Some(match self.session_secs {
+            Some(avg) => avg + SESSION_WEIGHT * (held - avg),
+            None => held,
+        });
+    }
+
+    /// The average dial time measured so far.
+    pub fn dial_time(&self) -> Option<Duration> {
+        self.dial_secs.map(Duration::from_secs_f64)
     }
 
     /// Checkouts per second, decayed to `now`.
@@ -111,15 +164,27 @@ impl RefillTarget {
         }
     }
 
-    fn demand_spares(&self, now: Instant) -> f64 {
-        self.rate_at(now) * self.dial_secs.unwrap_or(0.0)
+    /// Checkouts per second by Little's law on the sessions in use now (see the module docs);
+    /// 0 until a session's duration has been measured. The session being checked out is not
+    /// counted: alone, it says nothing about concurrency, and a lone client with pauses between
+    /// short sessions would otherwise look like a busy one.
+    fn concurrent_rate(&self, in_use: u64) -> f64 {
+        match self.session_secs {
+            Some(held) if held > 0.0 => in_use.saturating_sub(1) as f64 / held,
+            _ => 0.0,
+        }
     }
 
-    /// Spares (idle plus dialing) wanted at `now`.
-    pub fn target(&self, now: Instant) -> usize {
+    fn demand_spares(&self, now: Instant, in_use: u64) -> f64 {
+        let rate = self.rate_at(now).max(self.concurrent_rate(in_use));
+        rate * self.dial_secs.unwrap_or(0.0)
+    }
+
+    /// Spares (idle plus dialing) wanted at `now` with `in_use` sessions out.
+    pub fn target(&self, now: Instant, in_use: u64) -> usize {
         match self.mode {
             RefillMode::Adaptive => {
-                let demand = self.demand_spares(now);
+                let demand = self.demand_spares(now, in_use);
                 let wanted = (demand + HEADROOM_SIGMAS * demand.sqrt()).ceil();
                 // `as` saturates on huge values; the limit caps it anyway.
                 (wanted as usize).max(1).min(self.max_idle_per_dest)
@@ -146,19 +211,20 @@ impl RefillTarget {
 
     /// Idle spares beyond this many may be closed as surplus (only the adaptive policy
     /// shrinks; the others keep spares until `idle_timeout`).
-    pub fn keep_at_most(&self, now: Instant) -> usize {
+    pub fn keep_at_most(&self, now: Instant, in_use: u64) -> usize {
         match self.mode {
-            RefillMode::Adaptive => self.target(now),
+            RefillMode::Adaptive => self.target(now, in_use),
             RefillMode::Replace | RefillMode::Off => usize::MAX,
         }
     }
 
-    pub fn stats(&self, now: Instant) -> RefillStats {
+    pub fn stats(&self, now: Instant, in_use: u64) -> RefillStats {
         RefillStats {
-            refill_target: self.target(now),
+            refill_target: self.target(now, in_use),
             checkouts_per_sec: self.rate_at(now),
             dial_time_ms: self.dial_secs.map(|s| s * 1000.0),
-            demand_spares: self.demand_spares(now),
+            session_ms: self.session_secs.map(|s| s * 1000.0),
+            demand_spares: self.demand_spares(now, in_use),
         }
     }
 }
@@ -237,9 +303,9 @@ mod tests {
     #[test]
     fn refill_off_wants_nothing_and_static_wants_the_limit() {
         let now = Instant::now();
-        assert_eq!(RefillTarget::new(RefillMode::Off, 4).target(now), 0);
-        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).target(now), 4);
-        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).keep_at_most(now), usize::MAX);
+        assert_eq!(RefillTarget::new(RefillMode::Off, 4).target(now, 0), 0);
+        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).target(now, 0), 4);
+        assert_eq!(RefillTarget::new(RefillMode::Replace, 4).keep_at_most(now, 0), usize::MAX);
     }
 
     /// Feeds `per_sec` evenly spaced checkouts for `seconds`, starting at `start`; returns the
@@ -259,12 +325,12 @@ mod tests {
         let start = Instant::now();
         let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
         // Nothing observed yet: the replacement of the first checkout only.
-        assert_eq!(target.target(start), 1);
+        assert_eq!(target.target(start, 0), 1);
         target.observe_checkout(start);
         target.observe_dial(Duration::from_millis(10));
         // One checkout over a 10 ms path needs far less than one spare in flight.
-        assert_eq!(target.target(start), 1);
-        let stats = target.stats(start);
+        assert_eq!(target.target(start, 0), 1);
+        let stats = target.stats(start, 0);
         assert_eq!(stats.dial_time_ms, Some(10.0));
         assert!((stats.checkouts_per_sec - 0.5).abs() < 1e-9, "{stats:?}");
     }
@@ -287,7 +353,7 @@ mod tests {
         }
         let end = steady(&mut target, start, 1600, 20);
         // 1600/s x 10 ms = 16 spares in flight, plus 2 x sqrt(16) = 8 of headroom.
-        let stats = target.stats(end);
+        let stats = target.stats(end, 0);
         assert!((stats.demand_spares - 16.0).abs() < 0.2, "{stats:?}");
         // (Just after a checkout the decaying rate sits a hair above the mean, so 24 or 25.)
         assert!((24..=25).contains(&stats.refill_target), "{stats:?}");
@@ -295,7 +361,7 @@ mod tests {
         for _ in 0..100 {
             target.observe_dial(Duration::from_millis(50));
         }
-        assert_eq!(target.target(end), 98);
+        assert_eq!(target.target(end, 0), 98);
     }
 
     #[test]
@@ -304,8 +370,8 @@ mod tests {
         let mut target = RefillTarget::new(RefillMode::Adaptive, 4);
         target.observe_dial(Duration::from_millis(50));
         let end = steady(&mut target, start, 5000, 5);
-        assert_eq!(target.target(end), 4);
-        assert_eq!(RefillTarget::new(RefillMode::Adaptive, 0).target(end), 0);
+        assert_eq!(target.target(end, 0), 4);
+        assert_eq!(RefillTarget::new(RefillMode::Adaptive, 0).target(end, 0), 0);
     }
 
     #[test]
@@ -314,14 +380,34 @@ mod tests {
         let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
         target.observe_dial(Duration::from_millis(10));
         let end = steady(&mut target, start, 1600, 10);
-        let busy = target.target(end);
+        let busy = target.target(end, 0);
         assert!(busy > 20, "{busy}");
         // One window later the rate is down to 1/e, and the target with it (monotonically).
-        let later = target.target(end + RATE_WINDOW);
+        let later = target.target(end + RATE_WINDOW, 0);
         assert!(later < busy && later > 1, "{busy} -> {later}");
         // Ten windows later the demand is gone: back to the single replacement spare.
-        assert_eq!(target.target(end + RATE_WINDOW * 10), 1);
-        assert_eq!(target.keep_at_most(end + RATE_WINDOW * 10), 1);
+        assert_eq!(target.target(end + RATE_WINDOW * 10, 0), 1);
+        assert_eq!(target.keep_at_most(end + RATE_WINDOW * 10, 0), 1);
+    }
+
+    #[test]
+    fn a_step_in_concurrency_raises_the_target_at_once() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        for _ in 0..10 {
+            target.observe_dial(Duration::from_millis(10));
+            target.observe_session(Duration::from_millis(10));
+        }
+        // Two clients in a closed loop, one 10 ms session after another: 200 checkouts/s.
+        let end = steady(&mut target, start, 200, 10);
+        let calm = target.target(end, 2);
+        assert!(calm <= 7, "{calm}");
+        // 30 more arrive: before the 2-s rate has moved, 32 sessions are in use.
+        let stepped = target.target(end, 32);
+        // 31 other sessions / 10 ms = 3,100/s; x 10 ms = 31 in flight, + 2 sqrt(31) -> 43.
+        assert_eq!(stepped, 43, "the target follows the sessions in use at once");
+        // And it falls with them, but only as fast as the slow estimate allows.
+        assert_eq!(target.target(end, 2), calm);
     }
 
     #[test]
@@ -330,7 +416,7 @@ mod tests {
         target.observe_dial(Duration::from_millis(10));
         target.observe_dial(Duration::from_millis(60));
         // 10 + 0.2 x (60 - 10) = 20 ms.
-        let ms = target.stats(Instant::now()).dial_time_ms.unwrap_or_default();
+        let ms = target.stats(Instant::now(), 0).dial_time_ms.unwrap_or_default();
         assert!((ms - 20.0).abs() < 1e-6, "{ms}");
     }
 }

@@ -108,6 +108,11 @@ impl ServerIdleLimit {
         Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX)
     }
 
+    /// The measured gap between checkouts, once two were seen.
+    pub fn checkout_gap(&self) -> Option<Duration> {
+        self.gap_secs.and_then(|gap| Duration::try_from_secs_f64(gap).ok())
+    }
+
     /// False when spares here would die before their client comes (see the module docs).
     pub fn spares_pay(&self, checkouts_per_sec: f64, now: Instant) -> bool {
         match self.retire_age(now) {

@@ -113,6 +113,11 @@ pub enum TargetReason {
     Excluded,
     /// Its server drops idle connections sooner than a spare waits for a client there.
     ServerIdleLimit,
+    /// Its dials take less than `cheap_dial_us` (same host or LAN): a spare would save less
+    /// than it costs.
+    CheapDial,
+    /// Its clients come further apart than a spare lives (`idle_timeout`).
+    RarelyUsed,
 }
 
 /// The spare policy's view of one destination.
@@ -157,7 +162,11 @@ pub struct BudgetStats {
     /// The most slots ever in use at once (never above `max_total_idle`).
     pub high_water: usize,
     pub granted: u64,
+    /// Reservations refused: nothing could be taken back or evicted.
     pub denied: u64,
+    /// Reservations refused because the requester was not clearly hotter than the spare that
+    /// would have been evicted (see `budget`, admission when full).
+    pub denied_colder: u64,
     pub evictions: u64,
     /// Lent slots taken back to make room elsewhere (no connection closed).
     pub lent_reclaimed: u64,
@@ -203,6 +212,9 @@ pub struct PoolStats {
     pub destinations_pruned: u64,
     /// Checkouts the pool did not answer in time (or at all): the handler dialed directly.
     pub fallback_dials: u64,
+    /// Checkouts of destinations that get no spares for a lasting reason (cheap dials,
+    /// excluded), dialed by the handle without a message to their manager (all but one in 16).
+    pub bypassed: u64,
     /// Checkouts of a destination seen for the first time (within the admission window):
     /// dialed directly, no manager, no spare.
     pub first_sightings: u64,

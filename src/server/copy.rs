@@ -25,6 +25,8 @@ pub const COPY_BUFFER: usize = 16 * 1024;
 pub struct Tally<'a> {
     pub session: &'a AtomicU64,
     pub total: &'a AtomicU64,
+    /// Set once this direction has passed its EOF on (a FIN sent to its destination).
+    pub shut: &'a AtomicBool,
 }
 
 impl Tally<'_> {
@@ -116,6 +118,7 @@ async fn one_way(
         }
     }
     if !other_done.swap(true, Ordering::Relaxed) {
+        tally.shut.store(true, Ordering::Relaxed);
         socket2::SockRef::from(to.as_ref()).shutdown(Shutdown::Write)?;
     }
     Ok(copied)
@@ -230,18 +233,19 @@ mod tests {
             let (mut upstream_read, mut upstream_write) = proxy_upstream_side.split();
             let one_done = AtomicBool::new(false);
             let (up, down, total) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+            let (up_shut, down_shut) = (AtomicBool::new(false), AtomicBool::new(false));
             let result = tokio::try_join!(
                 one_way(
                     &mut client_read,
                     &mut upstream_write,
                     &one_done,
-                    Tally { session: &up, total: &total }
+                    Tally { session: &up, total: &total, shut: &up_shut }
                 ),
                 one_way(
                     &mut upstream_read,
                     &mut client_write,
                     &one_done,
-                    Tally { session: &down, total: &total }
+                    Tally { session: &down, total: &total, shut: &down_shut }
                 )
             );
             (result, up.into_inner(), down.into_inner(), total.into_inner())

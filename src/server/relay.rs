@@ -6,17 +6,17 @@
 //! for the idle timeout, or when the server cuts it at shutdown.
 
 use std::io;
-use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::io::{AsyncWriteExt, Interest};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub(super) use super::copy::watch_error;
 use super::copy::{self, Tally};
 use super::metrics::ServerMetrics;
+use crate::pool::spare::{probe, Probe};
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayOutcome {
@@ -54,6 +54,11 @@ pub struct RelaySettings<'a> {
 
 /// Relays until the session ends (see the module docs). An I/O error of either socket is
 /// returned as `Err`; bytes moved before it are already counted in the server's metrics.
+///
+/// Whether the upstream is still untouched is judged when the session ends, not by waiting
+/// for its first event (an extra peek and wake-up on every pooled session): not a byte moved
+/// either way, no FIN was passed to it, it is still open, and the session ended because its
+/// client reset, idled out or was cut. A client's FIN is a half-close, never "gone".
 pub async fn relay(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
@@ -61,22 +66,9 @@ pub async fn relay(
 ) -> io::Result<RelayOutcome> {
     let up = AtomicU64::new(0);
     let down = AtomicU64::new(0);
+    let (up_shut, down_shut) = (AtomicBool::new(false), AtomicBool::new(false));
     let (to_upstream_total, to_client_total) = settings.metrics.relayed_totals();
-    let outcome = |end, untouched| RelayOutcome {
-        client_to_upstream: up.load(Ordering::Relaxed),
-        upstream_to_client: down.load(Ordering::Relaxed),
-        upstream_untouched: untouched,
-        end,
-    };
-
-    if settings.pending.is_empty() && settings.may_return_untouched {
-        match first_event(client, upstream, &settings).await? {
-            First::ClientGone => return Ok(outcome(SessionEnd::Closed, true)),
-            First::Idle => return Ok(outcome(SessionEnd::IdleTimeout, true)),
-            First::Cut => return Ok(outcome(SessionEnd::Cut, true)),
-            First::Traffic => {}
-        }
-    } else if !settings.pending.is_empty() {
+    if !settings.pending.is_empty() {
         upstream.write_all(settings.pending).await?;
         let sent = settings.pending.len() as u64;
         up.fetch_add(sent, Ordering::Relaxed);
@@ -84,63 +76,35 @@ pub async fn relay(
     }
 
     let idle = idle_timer(&up, &down, settings.idle_timeout);
-    let copy = copy::bidirectional(
-        client,
-        upstream,
-        Tally { session: &up, total: to_upstream_total },
-        Tally { session: &down, total: to_client_total },
-    );
-    tokio::select! {
-        copied = copy => copied.map(|()| outcome(SessionEnd::Closed, false)),
-        () = idle => Ok(outcome(SessionEnd::IdleTimeout, false)),
-        () = settings.cancel.cancelled() => Ok(outcome(SessionEnd::Cut, false)),
-    }
-}
-
-enum First {
-    /// The client sent bytes, half-closed, or the upstream spoke: relay.
-    Traffic,
-    /// The client reset or failed before anything moved.
-    ClientGone,
-    Idle,
-    Cut,
-}
-
-/// Waits for the first event of a session whose upstream could go back to a pool untouched.
-/// Only a client that is really gone (reset, error) leaves it untouched: a FIN is a
-/// half-close, and the client still gets whatever the server sends (a greeting, say).
-async fn first_event(
-    client: &TcpStream,
-    upstream: &TcpStream,
-    settings: &RelaySettings<'_>,
-) -> io::Result<First> {
-    let idle = tokio::time::sleep(settings.idle_timeout);
-    tokio::pin!(idle);
-    loop {
+    let ended = {
+        let copy = copy::bidirectional(
+            &mut *client,
+            &mut *upstream,
+            Tally { session: &up, total: to_upstream_total, shut: &up_shut },
+            Tally { session: &down, total: to_client_total, shut: &down_shut },
+        );
         tokio::select! {
-            ready = client.ready(Interest::READABLE | Interest::ERROR) => {
-                let ready = ready?;
-                if ready.is_error() {
-                    return Ok(First::ClientGone);
-                }
-                // Peeking needs no buffer and leaves the bytes for the copy.
-                let mut probe = [MaybeUninit::<u8>::uninit(); 1];
-                match client.try_io(Interest::READABLE, || {
-                    socket2::SockRef::from(client).peek(&mut probe)
-                }) {
-                    Ok(_) => return Ok(First::Traffic),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                    Err(_) => return Ok(First::ClientGone),
-                }
-            }
-            // The upstream speaks first (a server greeting) or closed: either way it is used.
-            ready = upstream.readable() => {
-                ready?;
-                return Ok(First::Traffic);
-            }
-            () = &mut idle => return Ok(First::Idle),
-            () = settings.cancel.cancelled() => return Ok(First::Cut),
+            copied = copy => copied.map(|()| SessionEnd::Closed),
+            () = idle => Ok(SessionEnd::IdleTimeout),
+            () = settings.cancel.cancelled() => Ok(SessionEnd::Cut),
         }
+    };
+    let pristine = settings.may_return_untouched
+        && up.load(Ordering::Relaxed) == 0
+        && down.load(Ordering::Relaxed) == 0
+        && !up_shut.load(Ordering::Relaxed)
+        && probe(upstream) == Probe::Quiet;
+    let outcome = |end, untouched| RelayOutcome {
+        client_to_upstream: up.load(Ordering::Relaxed),
+        upstream_to_client: down.load(Ordering::Relaxed),
+        upstream_untouched: untouched,
+        end,
+    };
+    match ended {
+        Ok(end) => Ok(outcome(end, pristine && end != SessionEnd::Closed)),
+        // The client reset before anything moved: its upstream is still a spare.
+        Err(_) if pristine => Ok(outcome(SessionEnd::Closed, true)),
+        Err(error) => Err(error),
     }
 }
 

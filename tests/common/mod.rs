@@ -72,6 +72,9 @@ pub fn test_config() -> Config {
     let mut config = Config::default();
     config.server.handshake_timeout_ms = 500;
     config.server.shutdown_grace_secs = 5;
+    // Every destination here is on loopback, where a dial is cheaper than a spare (and the
+    // default policy keeps none): tests of the pool's mechanics want spares all the same.
+    config.server.pool.cheap_dial_us = 0;
     config
 }
 
