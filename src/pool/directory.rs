@@ -249,7 +249,7 @@ impl Actor for Directory {
                 let _ = reply.send(state.budget_stats.subscribe());
             }
             DirectoryMsg::Reconfigure(options, reply) => {
-                state.reconfigure(&myself, options).await;
+                state.reconfigure(&myself, *options).await;
                 let _ = reply.send(());
             }
         }

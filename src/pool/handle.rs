@@ -85,7 +85,7 @@ impl Pool {
     /// use the new timeouts at once. Returns once every actor has been sent its part.
     pub async fn reconfigure(&self, options: PoolOptions) -> Result<(), PoolError> {
         self.options.store(Arc::new(options.clone()));
-        self.ask(|reply| DirectoryMsg::Reconfigure(options, reply)).await
+        self.ask(|reply| DirectoryMsg::Reconfigure(Box::new(options), reply)).await
     }
 
     pub fn telemetry(&self) -> &Telemetry {

@@ -187,7 +187,7 @@ pub enum DirectoryMsg {
     /// A reloaded config: the Directory keeps the new options, sends the budget its new limit
     /// and every PoolManager the new options, then replies (the managers apply them in their
     /// own time; await their published views to see it done).
-    Reconfigure(super::options::PoolOptions, RpcReplyPort<()>),
+    Reconfigure(Box<super::options::PoolOptions>, RpcReplyPort<()>),
 }
 
 /// Messages to the Janitor.
