@@ -3,11 +3,13 @@
 
 mod accept;
 pub mod auth;
+mod bind;
 mod copy;
 pub mod fd_limit;
 mod handler;
 pub mod metrics;
 pub mod relay;
+mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -155,6 +157,13 @@ impl Server {
             session_idle_timeout: server.session_idle_timeout(),
             metrics: self.metrics.clone(),
             telemetry: self.telemetry.clone(),
+            resolver: self.resolver.clone(),
+            udp: server.udp_associate.then(|| udp::UdpSettings {
+                bind_address: server.udp_bind_address,
+                idle_timeout: server.udp_idle_timeout(),
+                reply_filter: server.udp_reply_filter,
+            }),
+            bind: server.bind.then(|| bind::BindSettings { timeout: server.bind_timeout() }),
         });
         let limit = Arc::new(Semaphore::new(server.max_connections));
         let tracker = TaskTracker::new();
