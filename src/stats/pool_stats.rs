@@ -88,6 +88,10 @@ fn effective_config(config: &Config, telemetry_enabled: bool) -> Value {
             "max_connections": config.server.max_connections,
             "handshake_timeout_ms": config.server.handshake_timeout_ms,
             "shutdown_grace_secs": config.server.shutdown_grace_secs,
+            "udp_associate": config.server.udp_associate,
+            "bind": config.server.bind,
+            "udp_idle_timeout_secs": config.server.udp_idle_timeout_secs,
+            "bind_timeout_secs": config.server.bind_timeout_secs,
         },
         "auth": {
             "socks_method": match config.auth.method() {

@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod daemon;
+pub mod udp;
 
 use std::net::SocketAddr;
 
@@ -32,6 +33,11 @@ impl TestProxy {
 
     pub async fn start_server(server: Server) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        Self::start_server_on(server, listener).await
+    }
+
+    /// Runs `server` on a listener of the test's choosing (`0.0.0.0:0`, `[::1]:0`).
+    pub async fn start_server_on(server: Server, listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("proxy addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async move {

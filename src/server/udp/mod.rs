@@ -19,7 +19,7 @@
 //! - replies: a datagram at an outbound socket reaches the client wrapped in a header naming
 //!   its sender, by default only when the association sent to that address and port before
 //!   (`udp_reply_filter`), else it is `foreign_source`.
-//! - nothing queues: datagrams are moved with `try_send_to` and one that cannot be sent at once
+//! - nothing queues: a datagram is sent at once (a non-blocking `sendto`) and one that cannot be
 //!   is dropped (`would_block`). The receive buffer is one per worker thread, not one per
 //!   association, so an idle association holds no buffer.
 
@@ -495,7 +495,7 @@ impl Association<'_> {
         let Some(outbound) = outbound else {
             return self.drop_datagram(DropReason::SendError);
         };
-        match outbound.try_send_to(payload, destination) {
+        match send_now(outbound, payload, destination) {
             Ok(_) => {
                 self.ctx.metrics.udp.sent_to_destination(payload.len());
                 self.peers.insert(destination);
@@ -565,7 +565,7 @@ impl Association<'_> {
         let Some(start) = write_ip_header_before(&mut buffer[..UDP_IP_HEADER_MAX], &sender) else {
             return self.drop_datagram(DropReason::Malformed);
         };
-        match self.relay.try_send_to(&buffer[start..UDP_IP_HEADER_MAX + len], client) {
+        match send_now(&self.relay, &buffer[start..UDP_IP_HEADER_MAX + len], client) {
             Ok(_) => {
                 self.ctx.metrics.udp.sent_to_client(len);
                 self.moved += 1;
@@ -574,6 +574,14 @@ impl Association<'_> {
             Err(e) => self.drop_datagram(send_failure(&e)),
         }
     }
+}
+
+/// Sends at once or fails (`WouldBlock` when the socket buffer is full). This is the syscall
+/// itself, not tokio's `try_send_to`: that one answers `WouldBlock` without trying until the
+/// reactor has seen the socket writable, which a fresh outbound socket has not yet, and the
+/// association never waits for writability anyway.
+fn send_now(socket: &UdpSocket, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
+    socket2::SockRef::from(socket).send_to(datagram, &to.into())
 }
 
 /// IPv4-mapped IPv6 addresses as the IPv4 addresses they are.
