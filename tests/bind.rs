@@ -49,7 +49,8 @@ fn host(text: &str) -> TargetAddr {
 
 /// Connects to `to` from `from` (any port).
 async fn connect_from(from: &str, to: SocketAddr) -> TcpStream {
-    let socket = if to.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.expect("socket");
+    let socket =
+        if to.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() }.expect("socket");
     socket.bind(SocketAddr::new(ip(from), 0)).expect("bind source");
     socket.connect(to).await.expect("connect to the BIND port")
 }
@@ -202,13 +203,16 @@ async fn a_bind_for_a_denied_host_is_refused_with_0x02() {
         // No host named: any peer could come, and unspecified addresses are always denied.
         host("0.0.0.0"),
     ] {
-        let (mut control, reply) = raw_request(rig.proxy.addr, Command::Bind, expected.clone()).await;
+        let (mut control, reply) =
+            raw_request(rig.proxy.addr, Command::Bind, expected.clone()).await;
         assert_eq!(reply.bytes, [5, 2, 0, 1, 0, 0, 0, 0, 0, 0], "{expected}");
         assert!(common::closed_without_data(&mut control).await);
     }
     let snapshot = rig.metrics.snapshot();
     assert_eq!((snapshot.bind.outcomes.denied, snapshot.sessions_by_command.bind), (3, 0));
-    let events = rig.telemetry.query(&EventQuery { category: Some("access".into()), ..EventQuery::default() });
+    let events = rig
+        .telemetry
+        .query(&EventQuery { category: Some("access".into()), ..EventQuery::default() });
     assert_eq!(events.len(), 3);
     assert!(events.iter().all(|e| e.message == "BIND peer denied by access rules"));
     rig.proxy.stop().await;

@@ -6,8 +6,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use poolsocks::secret::Secret;
 use poolsocks::socks::{
-    write_ip_header_before, Command, Greeting, Reply, ReplyCode, Request, TargetAddr,
-    UdpDatagram, UdpHeaderError, UserPassReply, UserPassRequest, UDP_IP_HEADER_MAX,
+    write_ip_header_before, Command, Greeting, Reply, ReplyCode, Request, TargetAddr, UdpDatagram,
+    UdpHeaderError, UserPassReply, UserPassRequest, UDP_IP_HEADER_MAX,
 };
 use proptest::prelude::*;
 

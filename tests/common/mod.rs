@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod daemon;
+pub mod netns;
 pub mod udp;
 
 use std::net::SocketAddr;
