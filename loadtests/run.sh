@@ -8,7 +8,7 @@
 #   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
 #
 # Scenarios: distant-10ms, distant-50ms, requests-per-session, fast-local, bulk, idle-sessions,
-# many-destinations. The distant ones need root and /dev/net/tun (a TUN delay line into a network
+# many-destinations, udp (datagram round trips through UDP ASSOCIATE: direct, poolsocks, Dante). The distant ones need root and /dev/net/tun (a TUN delay line into a network
 # namespace); they are skipped with a message where that is not possible. Traffic goes only to
 # loopback and to 198.18.0.0/15 inside the namespace. Every process started here is stopped on
 # exit, and each has its own time limit as well.
@@ -39,9 +39,11 @@ done
 
 if [ "$SMOKE" = 1 ]; then
   ROUNDS=${ROUNDS:-1}; DURATION=1; WARMUP=0.3; BULK_MIB=64; HOLD_SESSIONS=200; HOLD_SECS=1; LINGER=1
+  UDP_HOLD=50
   STRICT=(--fail-on-errors)
 else
   ROUNDS=${ROUNDS:-2}; DURATION=5; WARMUP=1; BULK_MIB=4096; HOLD_SESSIONS=10000; HOLD_SECS=5; LINGER=15
+  UDP_HOLD=1000
   STRICT=()
 fi
 WORK=$(mktemp -d /tmp/poolsocks-loadtests.XXXXXX)
@@ -51,6 +53,7 @@ mkdir -p "$OUT" "$RAW"
 
 # Fixed ports below 16384: the ephemeral range is moved to 16384-65000 during the run.
 FAST_UPSTREAM=127.0.0.1:14080
+UDP_ECHO=127.0.0.1:14090
 MANY_UPSTREAM=127.0.0.1:12000-12999
 NS=poolsocks-lt
 NEAR_IF=ltnear0
@@ -58,7 +61,7 @@ FAR_IF=ltfar0
 NEAR_ADDR=198.18.0.1
 FAR_ADDR=198.18.1.1
 FAR_UPSTREAM=$FAR_ADDR:80
-declare -A PROXY_PORT=([pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106)
+declare -A PROXY_PORT=([poolsocks]=14101 [pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106)
 declare -A STATS_PORT=([pool-off]=14111 [pool-default]=14112 [pool-tuned]=14113)
 CONFIGS=(direct pool-off pool-default pool-tuned dante microsocks)
 
@@ -131,7 +134,7 @@ if install_peer danted dante-server; then HAVE+=(dante); else skip "Dante: dante
 if install_peer microsocks microsocks; then HAVE+=(microsocks); else skip "microsocks: missing and could not be installed"; fi
 say "configurations: ${HAVE[*]}"
 
-for port in 14080 14101 14102 14103 14105 14106 14111 14112 14113; do
+for port in 14080 14090 14101 14102 14103 14105 14106 14111 14112 14113; do
   port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14113 free"; exit 1; }
 done
 
@@ -171,6 +174,8 @@ start_proxy() {
   case "$cfg" in
     direct) return 0 ;;
     pool-*) "$POOLSOCKS" --config "$LT/configs/$cfg.toml" >"$WORK/$cfg.log" 2>&1 & ;;
+    # UDP ASSOCIATE does not use the pool: one poolsocks configuration (pool-off's file).
+    poolsocks) "$POOLSOCKS" --config "$LT/configs/pool-off.toml" >"$WORK/$cfg.log" 2>&1 & ;;
     dante) dante_conf "$external"; danted -f "$WORK/danted-$external.conf" -p "$WORK/danted.pid" >>"$WORK/dante.log" 2>&1 & ;;
     microsocks) microsocks -i 127.0.0.1 -p "${PROXY_PORT[microsocks]}" >"$WORK/microsocks.log" 2>&1 & ;;
   esac
@@ -374,6 +379,48 @@ if wanted many-destinations; then
     --warmup "$WARMUP" -n 1 --upstream-stats 127.0.0.1:12000
   report many-destinations "1,000 loopback destinations (ports 12000-12999) in a random mix, 16 clients, 1 request per session. \"max idle sampled\" is the largest idle count seen on the proxy's /api/pool/stats, sampled every second while running (a sum of per-destination views read one after another); \"budget high water\" is the most slots the GlobalBudget ever held at once (reserved, lent, pooled or evicting), its own exact record; \"idle after load\" is total_idle sampled ${LINGER} s after the load stopped (pool-tuned has idle_timeout_secs = 10, pool-default 90). The upstream column counts port 12000's server process, which serves all 1,000 ports."
   stop_pid "$UPSTREAM_PID"
+fi
+
+# ---------------------------------------------------------------- UDP
+# Datagram round trips through a UDP association (each client its own, closed loop), direct
+# and through poolsocks and Dante (microsocks has no UDP ASSOCIATE); then idle associations.
+measure_udp() { # mode [loadgen args...]
+  local mode=$1; shift
+  local round cfg dir="$RAW/udp" args strict
+  mkdir -p "$dir"
+  for round in $(seq 1 "$ROUNDS"); do
+    for cfg in "${UDP_HAVE[@]}"; do
+      if [ "$mode" = udp-hold ] && [ "$cfg" = direct ]; then continue; fi
+      start_proxy "$cfg" 127.0.0.1 || { FAILED+=("udp/$cfg: proxy did not start"); continue; }
+      args=($(route_args "$cfg"))
+      if [ "$mode" = udp-hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi
+      strict=()
+      case "$cfg" in direct|poolsocks) strict=("${STRICT[@]}") ;; esac
+      say "udp $mode $* round $round/$ROUNDS: $cfg"
+      if ! timeout 600 "$LOADGEN" "$mode" "${args[@]}" "$@" "${strict[@]}" --label "$cfg" \
+          --scenario udp --round "$round" --json "$dir/$cfg-$mode-r$round-$RANDOM.json"; then
+        FAILED+=("udp/$cfg $mode $* round $round")
+        say "FAIL: udp/$cfg $mode round $round"
+      fi
+      if [ -n "$PROXY_PID" ]; then stop_pid "$PROXY_PID"; fi
+    done
+  done
+}
+
+if wanted udp; then
+  UDP_HAVE=(direct)
+  [ -x "$POOLSOCKS" ] && UDP_HAVE+=(poolsocks)
+  [[ " ${HAVE[*]} " == *" dante "* ]] && UDP_HAVE+=(dante)
+  "$LOADGEN" udp-echo --listen "$UDP_ECHO" --duration 3600 >"$WORK/udp-echo.log" 2>&1 &
+  UDP_ECHO_PID=$!
+  PIDS+=("$UDP_ECHO_PID")
+  for i in $(seq 1 50); do grep -q listening "$WORK/udp-echo.log" 2>/dev/null && break; sleep 0.1; done
+  for payload in 64 1400; do
+    measure_udp udp --target "$UDP_ECHO" -c 16 -d "$DURATION" --warmup "$WARMUP" --payload "$payload"
+  done
+  measure_udp udp-hold --target "$UDP_ECHO" --sessions "$UDP_HOLD" --hold "$HOLD_SECS"
+  report udp "UDP echo on loopback, 16 closed-loop clients each with its own UDP association (direct: its own socket), one datagram in flight per client, ${DURATION} s after ${WARMUP} s warm-up, 64- and 1,400-byte payloads; a datagram not echoed within 1 s counts as lost. Latency is one datagram's round trip. Then ${UDP_HOLD} associations opened (each proves itself with one round trip) and held idle ${HOLD_SECS} s: memory per association = (proxy memory while holding - before) / associations held, as PSS, children included."
+  stop_pid "$UDP_ECHO_PID"
 fi
 
 say "scenario 7 (actor overhead) is a benchmark of the pool library, not part of this script"

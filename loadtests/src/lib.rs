@@ -1,5 +1,6 @@
 //! The poolsocks load harness: a closed-loop SOCKS5 load generator, bulk and idle-session modes,
-//! a counting keep-alive HTTP upstream, a TUN delay line and a report writer.
+//! a counting keep-alive HTTP upstream, UDP round trips through associations, a TUN delay line
+//! and a report writer.
 
 pub mod bulk;
 pub mod client;
@@ -11,4 +12,5 @@ pub mod run;
 pub mod stats;
 pub mod targets;
 pub mod tun;
+pub mod udp;
 pub mod upstream;
