@@ -336,16 +336,16 @@ impl Association<'_> {
                     if let Err(e) = ready {
                         return End::RelayError(e);
                     }
-                    self.from_client();
+                    self.take_client_datagrams();
                 }
                 ready = readable(&self.outbound_v4) => {
                     if ready.is_ok() {
-                        self.from_destinations(Family::V4);
+                        self.take_replies(Family::V4);
                     }
                 }
                 ready = readable(&self.outbound_v6) => {
                     if ready.is_ok() {
-                        self.from_destinations(Family::V6);
+                        self.take_replies(Family::V6);
                     }
                 }
                 resolved = self.lookups.next(), if !self.lookups.is_empty() => self.resolved(resolved),
@@ -369,7 +369,7 @@ impl Association<'_> {
     }
 
     /// Handles what the relay socket has (at most a batch).
-    fn from_client(&mut self) {
+    fn take_client_datagrams(&mut self) {
         BUFFER_OF_THREAD.with(|cell| {
             let mut buffer = cell.borrow_mut();
             if buffer.len() < BUFFER {
@@ -523,7 +523,7 @@ impl Association<'_> {
     }
 
     /// Handles what an outbound socket has (at most a batch): replies to the client.
-    fn from_destinations(&mut self, family: Family) {
+    fn take_replies(&mut self, family: Family) {
         BUFFER_OF_THREAD.with(|cell| {
             let mut buffer = cell.borrow_mut();
             if buffer.len() < BUFFER {
