@@ -27,12 +27,14 @@ mod names;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -220,10 +222,31 @@ impl Outbound {
     }
 }
 
-async fn readable(outbound: &Outbound) -> io::Result<()> {
-    match &outbound.socket {
-        Some(socket) => socket.readable().await,
-        None => std::future::pending().await,
+/// True when the outbound socket exists and has something (or an error) to read.
+fn poll_outbound(outbound: &Outbound, cx: &mut Context<'_>) -> bool {
+    outbound.socket.as_ref().is_some_and(|socket| socket.poll_recv_ready(cx).is_ready())
+}
+
+/// What one turn of the event loop found ready.
+struct Ready {
+    cut: bool,
+    control: bool,
+    relay: Option<io::Result<()>>,
+    v4: bool,
+    v6: bool,
+    resolved: Option<Resolved>,
+    tick: bool,
+}
+
+impl Ready {
+    fn any(&self) -> bool {
+        self.cut
+            || self.control
+            || self.relay.is_some()
+            || self.v4
+            || self.v6
+            || self.resolved.is_some()
+            || self.tick
     }
 }
 
@@ -315,6 +338,9 @@ enum Family {
 }
 
 impl Association<'_> {
+    /// The event loop. Each turn polls every source once (readiness only: no future is built
+    /// per turn, and each socket keeps one waker slot), then serves all that are ready, so a
+    /// flood on one socket cannot starve the others.
     async fn run(&mut self, client: &mut TcpStream, cancel: &CancellationToken) -> End {
         let timeout = self.settings.idle_timeout;
         let step = (timeout / 4).max(Duration::from_millis(1));
@@ -323,42 +349,70 @@ impl Association<'_> {
         let mut last_moved = self.moved;
         let mut quiet = Duration::ZERO;
         let mut control = [0u8; 512];
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
-            tokio::select! {
-                () = cancel.cancelled() => return End::Cut,
-                read = client.read(&mut control) => match read {
+            let ready = std::future::poll_fn(|cx| {
+                let mut ready = Ready {
+                    cut: cancelled.as_mut().poll(cx).is_ready(),
+                    control: client.poll_read_ready(cx).is_ready(),
+                    relay: match self.relay.poll_recv_ready(cx) {
+                        Poll::Ready(Ok(())) => Some(Ok(())),
+                        Poll::Ready(Err(e)) => Some(Err(e)),
+                        Poll::Pending => None,
+                    },
+                    v4: poll_outbound(&self.outbound_v4, cx),
+                    v6: poll_outbound(&self.outbound_v6, cx),
+                    resolved: None,
+                    tick: ticks.poll_tick(cx).is_ready(),
+                };
+                if !self.lookups.is_empty() {
+                    if let Poll::Ready(resolved) = self.lookups.poll_next(cx) {
+                        ready.resolved = Some(resolved);
+                    }
+                }
+                if ready.any() {
+                    Poll::Ready(ready)
+                } else {
+                    Poll::Pending
+                }
+            })
+            .await;
+            if ready.cut {
+                return End::Cut;
+            }
+            if ready.control {
+                match client.try_read(&mut control) {
                     Ok(0) => return End::ControlClosed,
                     // Nothing is due on the control connection; whatever comes is ignored.
                     Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     Err(e) => return End::ControlError(e),
-                },
-                ready = self.relay.readable() => {
-                    if let Err(e) = ready {
-                        return End::RelayError(e);
-                    }
-                    self.take_client_datagrams();
                 }
-                ready = readable(&self.outbound_v4) => {
-                    if ready.is_ok() {
-                        self.take_replies(Family::V4);
+            }
+            match ready.relay {
+                Some(Ok(())) => self.take_client_datagrams(),
+                Some(Err(e)) => return End::RelayError(e),
+                None => {}
+            }
+            if ready.v4 {
+                self.take_replies(Family::V4);
+            }
+            if ready.v6 {
+                self.take_replies(Family::V6);
+            }
+            if let Some(resolved) = ready.resolved {
+                self.resolved(resolved);
+            }
+            if ready.tick {
+                if self.moved == last_moved {
+                    quiet += step;
+                    if quiet >= timeout {
+                        return End::Idle;
                     }
-                }
-                ready = readable(&self.outbound_v6) => {
-                    if ready.is_ok() {
-                        self.take_replies(Family::V6);
-                    }
-                }
-                resolved = self.lookups.next(), if !self.lookups.is_empty() => self.resolved(resolved),
-                _ = ticks.tick() => {
-                    if self.moved == last_moved {
-                        quiet += step;
-                        if quiet >= timeout {
-                            return End::Idle;
-                        }
-                    } else {
-                        last_moved = self.moved;
-                        quiet = Duration::ZERO;
-                    }
+                } else {
+                    last_moved = self.moved;
+                    quiet = Duration::ZERO;
                 }
             }
         }
@@ -406,12 +460,9 @@ impl Association<'_> {
                 self.client = Some(source);
             }
         }
-        let parsed = match UdpDatagram::parse(datagram) {
-            Ok(parsed) => parsed,
-            Err(e) => {
-                debug!(error = %e, "malformed datagram from the client");
-                return self.drop_datagram(DropReason::Malformed);
-            }
+        // Counted, not logged: a flood of them must not become a flood of log lines.
+        let Ok(parsed) = UdpDatagram::parse(datagram) else {
+            return self.drop_datagram(DropReason::Malformed);
         };
         if parsed.frag != 0 {
             return self.drop_datagram(DropReason::Fragment);

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -129,25 +129,28 @@ impl Lookups {
     }
 
     /// Completes when a lookup finishes. Pending forever when none is in flight.
+    #[cfg(test)]
     pub async fn next(&mut self) -> Resolved {
-        let index = std::future::poll_fn(|cx| {
-            for (index, lookup) in self.pending.iter_mut().enumerate() {
-                if let Poll::Ready(result) = std::future::Future::poll(lookup.future.as_mut(), cx) {
-                    return Poll::Ready((index, result));
-                }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// Ready with the first lookup that has finished.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Resolved> {
+        let finished = self.pending.iter_mut().enumerate().find_map(|(index, lookup)| {
+            match std::future::Future::poll(lookup.future.as_mut(), cx) {
+                Poll::Ready(result) => Some((index, result)),
+                Poll::Pending => None,
             }
-            Poll::Pending
-        })
-        .await;
-        let (index, result) = index;
+        });
+        let Some((index, result)) = finished else { return Poll::Pending };
         let lookup = self.pending.swap_remove(index);
         let held: usize = lookup.waiting.iter().map(|w| w.payload.len()).sum();
         self.waiting_bytes -= held;
-        Resolved {
+        Poll::Ready(Resolved {
             key: lookup.key,
             result: result.map(|addrs| addrs.into_iter().map(|a| a.ip()).collect()),
             waiting: lookup.waiting,
-        }
+        })
     }
 }
 
