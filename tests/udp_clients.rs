@@ -160,14 +160,17 @@ async fn socksify_runs_an_ordinary_udp_program_through_the_proxy() {
     let service = ns.service.to_string();
     let echo = ns.spawn(&python, &["-c", ECHO_IN_NAMESPACE, &service]);
     let mut echo_out = BufReader::new(echo.stdout.take().expect("echo stdout"));
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let seen = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         echo_out.read_line(&mut line).expect("echo says ready");
-        assert_eq!(line.trim(), "ready");
+        let _ = ready_tx.send(line.trim() == "ready");
         line.clear();
         echo_out.read_line(&mut line).expect("echo saw a datagram");
         line
     });
+    let ready = tokio::time::timeout(PROGRAM_DEADLINE, ready).await;
+    assert!(matches!(ready, Ok(Ok(true))), "the echo server in the namespace did not start");
     let (proxy, metrics) = proxy(StaticResolver::new()).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let conf = dir.path().join("socks.conf");
