@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use hdrhistogram::Histogram;
 use poolsocks::config::PoolConfig;
-use poolsocks::pool::{Pool, PoolOptions, RefillMode};
+use poolsocks::pool::{Admission, Pool, PoolOptions, RefillMode};
 use poolsocks::socks::TargetAddr;
 use poolsocks::telemetry::Telemetry;
 use poolsocks::upstream::{Connector, Origin, TcpDialer};
@@ -78,6 +78,7 @@ impl Rig {
                 janitor_period: None,
                 cold_after: Duration::from_secs(3600),
                 refill: RefillMode::Off,
+                admission: Admission::Always,
                 ..PoolOptions::from_config(&config)
             };
             let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled())

@@ -8,9 +8,11 @@
 #   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
 #
 # Scenarios: distant-10ms, distant-50ms, requests-per-session, fast-local, bulk, idle-sessions,
-# many-destinations, udp (datagram round trips through UDP ASSOCIATE: direct, poolsocks, Dante). The distant ones need root and /dev/net/tun (a TUN delay line into a network
-# namespace); they are skipped with a message where that is not possible. Traffic goes only to
-# loopback and to 198.18.0.0/15 inside the namespace. Every process started here is stopped on
+# many-destinations, udp (datagram round trips through UDP ASSOCIATE: direct, poolsocks, Dante),
+# fleet (loadtests/fleet.sh: several instances behind HAProxy, Prometheus). The distant ones
+# need root and /dev/net/tun (a TUN delay line into a network namespace); they are skipped with a
+# message where that is not possible. Traffic goes only to loopback and to 198.18.0.0/15 inside
+# the namespace. Every process started here is stopped on
 # exit, and each has its own time limit as well.
 set -euo pipefail
 
@@ -421,6 +423,15 @@ if wanted udp; then
   measure_udp udp-hold --target "$UDP_ECHO" --sessions "$UDP_HOLD" --hold "$HOLD_SECS"
   report udp "UDP echo on loopback, 16 closed-loop clients each with its own UDP association (direct: its own socket), one datagram in flight per client, ${DURATION} s after ${WARMUP} s warm-up, 64- and 1,400-byte payloads; a datagram not echoed within 1 s counts as lost. Latency is one datagram's round trip. Then ${UDP_HOLD} associations opened (each proves itself with one round trip) and held idle ${HOLD_SECS} s: memory per association = (proxy memory while holding - before) / associations held, as PSS, children included."
   stop_pid "$UDP_ECHO_PID"
+fi
+
+if wanted fleet; then
+  # 1, 2 and 3 instances behind HAProxy with a Prometheus scraping them (loadtests/fleet.sh, its
+  # own delay line and ports 14200-14221). It restores the sysctls it changes on its own exit.
+  fleet_args=(--out "$OUT" --rounds "$ROUNDS")
+  [ "$SMOKE" = 1 ] && fleet_args+=(--smoke)
+  say "fleet: bash loadtests/fleet.sh ${fleet_args[*]}"
+  bash "$LT/fleet.sh" "${fleet_args[@]}" || FAILED+=("fleet")
 fi
 
 say "scenario 7 (actor overhead) is a benchmark of the pool library, not part of this script"

@@ -12,4 +12,5 @@ pub mod stats;
 pub mod telemetry;
 #[cfg(test)]
 mod test_support;
+pub mod throttle;
 pub mod upstream;

@@ -51,6 +51,7 @@ fn main() -> ExitCode {
     }
     init_logging(&config);
     poolsocks::server::fd_limit::apply(&config);
+    poolsocks::server::memory::return_large_blocks();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

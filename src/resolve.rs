@@ -19,16 +19,18 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts,
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 use crate::config::DnsConfig;
+use crate::logsafe::Escaped;
 use crate::upstream::BoxFuture;
 
 /// Why a name did not resolve. Every variant maps to SOCKS reply `0x04` (host unreachable).
+/// The host is whatever a client sent, so it is shown escaped (see `logsafe`).
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ResolveError {
-    #[error("{host} does not resolve")]
+    #[error("{} does not resolve", Escaped(host))]
     NotFound { host: String },
-    #[error("resolving {host} took longer than {timeout:?}")]
+    #[error("resolving {} took longer than {timeout:?}", Escaped(host))]
     Timeout { host: String, timeout: Duration },
-    #[error("resolving {host} failed: {message}")]
+    #[error("resolving {} failed: {}", Escaped(host), Escaped(message))]
     Failed { host: String, message: String },
 }
 

@@ -26,7 +26,7 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub enum ConnectError {
     #[error(transparent)]
     Resolve(#[from] ResolveError),
-    #[error("{host} resolved to no address")]
+    #[error("{} resolved to no address", crate::logsafe::Escaped(host))]
     NoAddress { host: String },
     #[error("connect to {addr} timed out after {timeout:?}")]
     Timeout { addr: SocketAddr, timeout: Duration },

@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use poolsocks::config::{Config, SocksMethod, UserConfig};
 use poolsocks::secret::Secret;
-use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr, METHOD_USERPASS};
 use poolsocks::telemetry::{EventQuery, Telemetry};
 use tokio::net::TcpStream;
@@ -17,7 +16,7 @@ fn with_access(toml: &str) -> Config {
 }
 
 async fn start(config: Config) -> (TestProxy, Telemetry) {
-    let server = Server::build(config).await.expect("build");
+    let server = common::build_server(config).await.expect("build");
     let telemetry = server.telemetry();
     (TestProxy::start_server(server).await, telemetry)
 }

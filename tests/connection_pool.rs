@@ -8,7 +8,6 @@ use std::time::Duration;
 use common::*;
 use poolsocks::config::Config;
 use poolsocks::pool::Pool;
-use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -20,7 +19,7 @@ fn pool_config() -> Config {
 }
 
 async fn start(config: Config) -> (TestProxy, Option<Pool>) {
-    let server = Server::build(config).await.expect("build");
+    let server = common::build_server(config).await.expect("build");
     let pool = server.pool();
     (TestProxy::start_server(server).await, pool)
 }
@@ -33,6 +32,18 @@ async fn await_quiet(pool: &Pool, target: &TargetAddr) -> poolsocks::pool::DestS
         .expect("destination came to rest")
         .expect("view alive");
     quiet.clone()
+}
+
+/// One whole session to `upstream`, so the pool has seen its destination once: a first
+/// sighting is dialed directly and only remembered; the pool keeps spares from the second on.
+async fn first_sighting(proxy: &TestProxy, upstream: &mut TaggedServer) {
+    let before = upstream.accepted();
+    let (mut stream, reply) = connect(proxy.addr, upstream.addr.into()).await;
+    assert_eq!(reply.code, ReplyCode::Succeeded);
+    let conn = who(&mut stream).await;
+    assert_eq!(conn, before + 1, "a first sighting is dialed for its client");
+    drop(stream);
+    upstream.await_closed(conn).await;
 }
 
 fn bound_peer(reply: &poolsocks::socks::Reply) -> std::net::SocketAddr {
@@ -48,11 +59,12 @@ async fn the_second_client_gets_a_spare_the_upstream_accepted_before_it_asked() 
     let target: TargetAddr = upstream.addr.into();
     let (proxy, pool) = start(pool_config()).await;
     let pool = pool.expect("pool enabled");
+    first_sighting(&proxy, &mut upstream).await;
 
     // Client 1 misses: its connection is dialed for it, and a spare is dialed beside it.
     let (mut first, reply) = connect(proxy.addr, target.clone()).await;
     assert_eq!(reply.code, ReplyCode::Succeeded);
-    upstream.await_accepted(2).await;
+    upstream.await_accepted(3).await;
     let first_conn =
         upstream.index_of(bound_peer(&reply)).expect("client 1's connection was accepted");
     assert_eq!(who(&mut first).await, first_conn);
@@ -93,6 +105,7 @@ async fn a_connection_that_carried_bytes_is_closed_never_given_to_another_client
     let target: TargetAddr = upstream.addr.into();
     let (proxy, pool) = start(pool_config()).await;
     let pool = pool.expect("pool enabled");
+    first_sighting(&proxy, &mut upstream).await;
 
     let mut served = Vec::new();
     for _ in 0..6 {
@@ -121,12 +134,13 @@ async fn a_client_that_leaves_without_a_byte_hands_its_spare_back_untouched() {
     let target: TargetAddr = upstream.addr.into();
     let (proxy, pool) = start(pool_config()).await;
     let pool = pool.expect("pool enabled");
+    first_sighting(&proxy, &mut upstream).await;
 
     // A client that gives up: CONNECT, then abort (RST) without sending anything. (A FIN would
     // be a half-close: the client might still want what the server sends.)
     let (stream, reply) = connect(proxy.addr, target.clone()).await;
     assert_eq!(reply.code, ReplyCode::Succeeded);
-    upstream.await_accepted(1).await;
+    upstream.await_accepted(2).await;
     let unused = upstream.index_of(bound_peer(&reply)).expect("accepted");
     socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).expect("linger");
     drop(stream);

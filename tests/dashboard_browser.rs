@@ -17,7 +17,6 @@ use std::time::Duration;
 use common::udp::{datagram, Association, UdpEcho};
 use common::{connect, round_trip, test_config, EchoServer, TestProxy};
 use poolsocks::pool::DestStats;
-use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use poolsocks::stats::{self, Readiness, StatsContext, StatsOptions};
 use serde_json::Value;
@@ -148,7 +147,7 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     config.server.pool.enabled = true;
     config.server.pool.max_idle_per_dest = 1;
     config.server.pool.max_total_idle = 1;
-    let server = Server::build(config.clone()).await.expect("server builds");
+    let server = common::build_server(config.clone()).await.expect("server builds");
     let pool = server.pool().expect("the server built its pool");
     let ctx = StatsContext::new(config, server.telemetry(), server.metrics())
         .with_pool(Some(pool.clone()))

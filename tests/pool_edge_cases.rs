@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use poolsocks::pool::{category, Fault, ManagerMsg, Pool, PoolOptions, RefillMode};
+use poolsocks::pool::{category, Admission, Fault, ManagerMsg, Pool, PoolOptions, RefillMode};
 use poolsocks::socks::TargetAddr;
 use poolsocks::telemetry::{EventQuery, Severity, Telemetry};
 use poolsocks::upstream::{
@@ -218,6 +218,8 @@ fn options() -> PoolOptions {
         checkout_timeout: Duration::from_secs(5),
         janitor_period: None,
         cold_after: Duration::from_secs(30),
+        // These tests are about a manager's mechanics: every destination gets one at once.
+        admission: Admission::Always,
         ..PoolOptions::default()
     }
 }

@@ -8,8 +8,13 @@ use std::time::Duration;
 use common::*;
 use poolsocks::config::{SocksMethod, UserConfig};
 use poolsocks::secret::Secret;
-use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
+
+/// First sightings of the refused destination made no connection.
+fn first_sightings_refused(stats: &poolsocks::pool::PoolStats) -> u64 {
+    let refused = stats.per_destination.iter();
+    refused.filter(|d| d.counters.created == 0 && d.counters.connect_failures > 0).count() as u64
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mixed_and_failing_destinations_with_authentication_and_exact_stats() {
@@ -22,7 +27,7 @@ async fn mixed_and_failing_destinations_with_authentication_and_exact_stats() {
     config.server.pool.max_total_idle = 4; // less than 3 x 2: the budget has to arbitrate
     config.auth.socks_method = Some(SocksMethod::Userpass);
     config.auth.users = vec![UserConfig { username: "u".into(), password: Secret::new("p") }];
-    let server = Server::build(config).await.expect("build");
+    let server = common::build_server(config).await.expect("build");
     let pool = server.pool().expect("pool enabled");
     let proxy = TestProxy::start_server(server).await;
 
@@ -100,14 +105,17 @@ async fn mixed_and_failing_destinations_with_authentication_and_exact_stats() {
     for dest in &stats.per_destination {
         assert!(dest.idle_high_water <= 2, "max_idle_per_dest exceeded: {dest:?}");
     }
+    // Each destination's first checkout is a first sighting: dialed for its client, no spare.
+    assert_eq!(stats.first_sightings, stats.per_destination.len() as u64, "{stats:?}");
     assert_eq!(
-        stats.pool_hits + stats.pool_misses + stats.fallback_dials,
+        stats.pool_hits + stats.pool_misses + stats.fallback_dials + stats.first_sightings,
         sessions + failures,
         "{stats:?}"
     );
     assert_eq!(
         accepted as u64,
-        stats.total_created + stats.fallback_dials,
+        stats.total_created + stats.fallback_dials + stats.first_sightings
+            - first_sightings_refused(&stats),
         "accepts vs created: {stats:?}"
     );
     assert!(stats.connect_failures >= 1, "the refused destination's dials are counted");

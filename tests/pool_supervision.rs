@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use common::*;
 use poolsocks::pool::{BudgetMsg, JanitorMsg, Pool};
-use poolsocks::server::Server;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use poolsocks::telemetry::{EventQuery, Telemetry};
 use ractor::{ActorCell, Message};
@@ -23,7 +22,7 @@ struct Running {
 async fn start() -> Running {
     let mut config = test_config();
     config.server.pool.enabled = true;
-    let server = Server::build(config).await.expect("build");
+    let server = common::build_server(config).await.expect("build");
     let pool = server.pool().expect("pool enabled");
     let telemetry = server.telemetry();
     let proxy = TestProxy::start_server(server).await;

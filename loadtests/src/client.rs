@@ -1,7 +1,7 @@
 //! Opening a stream to a destination, directly or through a SOCKS5 proxy, with the poolsocks
 //! codec (so the harness speaks exactly what the daemon parses).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use poolsocks::secret::Secret;
 use poolsocks::socks::{
@@ -9,7 +9,7 @@ use poolsocks::socks::{
     UserPassRequest, METHOD_NO_AUTH, METHOD_USERPASS,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 
 /// How to reach destinations.
 #[derive(Debug, Clone)]
@@ -51,21 +51,38 @@ impl OpenError {
 /// Opens a stream to `target` with TCP_NODELAY set (request/response traffic must not wait on
 /// Nagle and delayed ACKs).
 pub async fn open(route: &Route, target: SocketAddr) -> Result<TcpStream, OpenError> {
+    open_from(route, target, None).await
+}
+
+/// Like [`open`], with the first connection (to the proxy, or to the target when direct) made
+/// from `source` (a loopback address such as 127.0.0.12: many clients seen as many addresses).
+pub async fn open_from(
+    route: &Route,
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, OpenError> {
     match route {
         Route::Direct => {
             let stream =
-                TcpStream::connect(target).await.map_err(|e| OpenError::Connect("target", e))?;
+                connect(target, source).await.map_err(|e| OpenError::Connect("target", e))?;
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
         Route::Socks { proxy, auth } => {
             let mut stream =
-                TcpStream::connect(proxy).await.map_err(|e| OpenError::Connect("proxy", e))?;
+                connect(*proxy, source).await.map_err(|e| OpenError::Connect("proxy", e))?;
             let _ = stream.set_nodelay(true);
             handshake(&mut stream, target, auth.as_ref()).await?;
             Ok(stream)
         }
     }
+}
+
+async fn connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else { return TcpStream::connect(addr).await };
+    let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.bind(SocketAddr::new(source, 0))?;
+    socket.connect(addr).await
 }
 
 async fn handshake(

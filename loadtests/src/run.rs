@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use tokio::net::TcpStream;
 
-use crate::client::{open, Route};
+use crate::client::{open_from, Route};
 use crate::http::{self, ReadBuf};
 use crate::stats::{new_histogram, Latency, RunRecord, UpstreamCounts};
 use crate::upstream::fetch_json;
@@ -95,13 +95,22 @@ pub struct RunArgs {
     /// Pick destinations at random (default when there are several) instead of in turn.
     #[arg(long)]
     pub in_turn: bool,
+    /// Client i always uses destination i (mod the number of destinations): each client has
+    /// its own destination, as an application server has its own database.
+    #[arg(long, conflicts_with = "in_turn")]
+    pub pin_targets: bool,
+    /// Client i connects from this loopback address plus i (e.g. 127.0.0.10: clients from
+    /// 127.0.0.10, .11, ...), so a balancer sees many clients, not one.
+    #[arg(long, value_parser = parse_source_base)]
+    pub source_base: Option<std::net::Ipv4Addr>,
     /// Upstream servers whose /__stats to read before and after (proof of reuse).
     #[arg(long)]
     pub upstream_stats: Vec<String>,
     /// An HTTP URL path on loopback to sample once a second while running, e.g.
-    /// 127.0.0.1:9090/api/pool/stats (the proxy's stats endpoint).
+    /// 127.0.0.1:9090/api/pool/stats (the proxy's stats endpoint). Repeatable (one per
+    /// instance of a fleet): each sample then carries the URL it came from as `sampled_url`.
     #[arg(long)]
-    pub sample_url: Option<String>,
+    pub sample_url: Vec<String>,
     /// Keep sampling --sample-url this many seconds after the load stops (cold destinations
     /// should be pruned); those samples are recorded apart.
     #[arg(long, default_value_t = 0.0)]
@@ -140,7 +149,16 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let measure_from = t0 + Duration::from_secs_f64(args.warmup);
     let end = measure_from + Duration::from_secs_f64(args.duration);
     let timeout = Duration::from_secs_f64(args.session_timeout);
-    let random = targets.len() > 1 && !args.in_turn;
+    let random = targets.len() > 1 && !args.in_turn && !args.pin_targets;
+    if let Some(base) = args.source_base {
+        if u32::from(base).checked_add(args.concurrency as u32).map(|last| last >> 24) != Some(127)
+        {
+            return Err(format!(
+                "--source-base {base} + {} clients leaves 127.0.0.0/8",
+                args.concurrency
+            ));
+        }
+    }
 
     let mut workers = Vec::with_capacity(args.concurrency);
     for index in 0..args.concurrency {
@@ -154,6 +172,10 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
             measure_from,
             end,
             random,
+            pinned: args.pin_targets.then_some(index % targets.len()),
+            source: args.source_base.map(|base| {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::from(u32::from(base) + index as u32))
+            }),
             next: index,
         };
         workers.push(tokio::spawn(worker.run()));
@@ -162,7 +184,12 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let label = args.record.label.clone();
     let progress = tokio::spawn(progress(label, shared.clone(), t0, end));
     let linger = Duration::from_secs_f64(args.linger.max(0.0));
-    let sampler = args.sample_url.clone().map(|url| tokio::spawn(sample(url, end, linger)));
+    let several = args.sample_url.len() > 1;
+    let samplers: Vec<_> = args
+        .sample_url
+        .iter()
+        .map(|url| (url.clone(), tokio::spawn(sample(url.clone(), end, linger))))
+        .collect();
 
     tokio::time::sleep_until(measure_from.into()).await;
     let before = upstream_counts(&upstream_addrs).await;
@@ -185,10 +212,19 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     let elapsed = measure_started.elapsed().as_secs_f64();
     let after = upstream_counts(&upstream_addrs).await;
     progress.abort();
-    let (stats_samples, stats_after) = match sampler {
-        Some(handle) => handle.await.unwrap_or_default(),
-        None => (Vec::new(), Vec::new()),
-    };
+    let (mut stats_samples, mut stats_after) = (Vec::new(), Vec::new());
+    for (url, handle) in samplers {
+        let (mut during, mut after) = handle.await.unwrap_or_default();
+        if several {
+            for sample in during.iter_mut().chain(after.iter_mut()) {
+                if let Some(object) = sample.as_object_mut() {
+                    object.insert("sampled_url".into(), url.clone().into());
+                }
+            }
+        }
+        stats_samples.append(&mut during);
+        stats_after.append(&mut after);
+    }
 
     let upstream = match (before, after) {
         (Some(b), Some(a)) => Some(UpstreamCounts {
@@ -234,6 +270,10 @@ struct Worker {
     measure_from: Instant,
     end: Instant,
     random: bool,
+    /// `--pin-targets`: this client's only destination.
+    pinned: Option<usize>,
+    /// `--source-base`: this client's source address.
+    source: Option<std::net::IpAddr>,
     next: usize,
 }
 
@@ -294,7 +334,9 @@ impl Worker {
     }
 
     fn pick(&mut self) -> SocketAddr {
-        let index = if self.random {
+        let index = if let Some(pinned) = self.pinned {
+            pinned
+        } else if self.random {
             fastrand::usize(..self.targets.len())
         } else {
             self.next = (self.next + 1) % self.targets.len();
@@ -309,7 +351,8 @@ impl Worker {
         buf: &mut ReadBuf,
         request_times: &mut Vec<u64>,
     ) -> Result<(), String> {
-        let mut stream: TcpStream = open(&self.route, target).await.map_err(|e| e.kind())?;
+        let mut stream: TcpStream =
+            open_from(&self.route, target, self.source).await.map_err(|e| e.kind())?;
         for _ in 0..self.requests_per_session {
             let sent = Instant::now();
             http::write_get(&mut stream, &self.path).await.map_err(|_| "http_write".to_string())?;
@@ -318,6 +361,14 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+fn parse_source_base(text: &str) -> Result<std::net::Ipv4Addr, String> {
+    let ip: std::net::Ipv4Addr = text.parse().map_err(|e| format!("bad address {text:?}: {e}"))?;
+    if !ip.is_loopback() {
+        return Err(format!("{ip} is not loopback: client sources must be 127.x addresses"));
+    }
+    Ok(ip)
 }
 
 pub fn micros(d: Duration) -> u64 {

@@ -130,6 +130,16 @@ impl Config {
                 ));
             }
         }
+        if server.proxy_protocol && server.proxy_protocol_trusted.is_empty() {
+            return Err(invalid(
+                "server.proxy_protocol_trusted",
+                "is empty while server.proxy_protocol = true: no balancer could send a header, so \
+                 every client would be refused. List the balancers' addresses",
+            ));
+        }
+        if server.reuse_port && !cfg!(unix) {
+            return Err(invalid("server.reuse_port", "is only supported on Unix (SO_REUSEPORT)"));
+        }
         if server.dns.timeout_ms == 0 {
             return Err(invalid("server.dns.timeout_ms", "must be greater than 0"));
         }
@@ -148,6 +158,9 @@ impl Config {
                     pool.max_idle_per_dest, pool.max_total_idle
                 ),
             ));
+        }
+        if pool.max_destinations == 0 {
+            return Err(invalid("server.pool.max_destinations", "must be at least 1"));
         }
         if pool.enabled && pool.max_idle_per_dest == 0 {
             return Err(invalid(
@@ -205,6 +218,23 @@ mod tests {
         let config = Config::embedded_default().expect("embedded default config is valid");
         assert_eq!(config, Config::default());
         assert_eq!(config.server.bind_addr(), "127.0.0.1:1080".parse().unwrap());
+        assert!(!config.server.proxy_protocol);
+        assert!(!config.server.reuse_port);
+        let trusted: Vec<String> =
+            config.server.proxy_protocol_trusted.iter().map(ToString::to_string).collect();
+        assert_eq!(trusted, ["127.0.0.0/8", "::1/128"]);
+    }
+
+    #[test]
+    fn proxy_protocol_needs_someone_to_trust() {
+        let text = "[server]\nproxy_protocol = true\nproxy_protocol_trusted = []\n";
+        let error = Config::from_toml(text, None).unwrap_err().to_string();
+        assert!(error.contains("`server.proxy_protocol_trusted`"), "{error}");
+        assert!(error.contains("line 3"), "{error}");
+        let text = "[server]\nproxy_protocol = true\nproxy_protocol_trusted = [\"10.0.0.5/32\"]\n";
+        assert!(Config::from_toml(text, None).unwrap().server.proxy_protocol);
+        let text = "[server]\nproxy_protocol_trusted = [\"10.0.0.5\"]\n";
+        assert!(Config::from_toml(text, None).is_err(), "a bare address is not a CIDR");
     }
 
     #[test]

@@ -13,6 +13,8 @@ pub const DEFAULT_BIND_PORT: u16 = 1080;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 30;
+/// The listener closes as soon as shutdown starts unless asked to wait.
+pub const DEFAULT_SHUTDOWN_DELAY_MS: u64 = 0;
 /// Envoy's TCP proxy default (1 hour): long enough for any interactive session that is only
 /// quiet (an ssh shell, a database connection between queries), short enough that a session
 /// whose peers both vanished without a FIN or RST gives its slot back the same hour.
@@ -30,6 +32,12 @@ pub const DEFAULT_UDP_IDLE_TIMEOUT_SECS: u64 = 300;
 /// How long a BIND waits for its one incoming connection. An FTP server opens its active-mode
 /// data connection within seconds of the command that asks for it; a minute covers slow ones.
 pub const DEFAULT_BIND_TIMEOUT_SECS: u64 = 60;
+/// PROXY protocol headers are off: the socket's peer is the client.
+pub const DEFAULT_PROXY_PROTOCOL: bool = false;
+/// Who may send a PROXY protocol header when it is on: loopback only (a balancer on this host).
+pub const DEFAULT_PROXY_PROTOCOL_TRUSTED: [&str; 2] = ["127.0.0.0/8", "::1/128"];
+/// One process per port unless asked for.
+pub const DEFAULT_REUSE_PORT: bool = false;
 
 pub const DEFAULT_DNS_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_DNS_CACHE_MAX_TTL_SECS: u64 = 60;
@@ -39,6 +47,8 @@ pub const DEFAULT_MAX_IDLE_PER_DEST: usize = 4;
 pub const DEFAULT_MAX_TOTAL_IDLE: usize = 100;
 pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 90;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// About 100 MiB of per-destination state at most, however many names clients send.
+pub const DEFAULT_MAX_DESTINATIONS: usize = 10_000;
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -51,6 +61,10 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// How long relays may drain after SIGINT/SIGTERM before they are cut.
     pub shutdown_grace_secs: u64,
+    /// After SIGINT/SIGTERM, how long the listener keeps accepting (with `/health` already
+    /// answering 503) before it closes, so a balancer's health check takes the instance out
+    /// first.
+    pub shutdown_delay_ms: u64,
     /// Listening beyond loopback without authentication makes an open proxy; it must be asked for.
     pub allow_open_proxy: bool,
     /// A session in which no byte moved either way for this long is closed.
@@ -70,6 +84,13 @@ pub struct ServerConfig {
     pub udp_reply_filter: UdpReplyFilter,
     /// How long a BIND waits for its incoming connection before reply `0x06`.
     pub bind_timeout_secs: u64,
+    /// Every client connection starts with a PROXY protocol header (v1 or v2) from a balancer;
+    /// the address in it is the client from then on.
+    pub proxy_protocol: bool,
+    /// Sources allowed to send that header; a connection from anywhere else is closed.
+    pub proxy_protocol_trusted: Vec<IpNet>,
+    /// Bind the SOCKS listener with SO_REUSEPORT, so several processes can share the port.
+    pub reuse_port: bool,
     pub dns: DnsConfig,
     pub pool: PoolConfig,
 }
@@ -96,6 +117,7 @@ impl Default for ServerConfig {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             handshake_timeout_ms: DEFAULT_HANDSHAKE_TIMEOUT_MS,
             shutdown_grace_secs: DEFAULT_SHUTDOWN_GRACE_SECS,
+            shutdown_delay_ms: DEFAULT_SHUTDOWN_DELAY_MS,
             allow_open_proxy: false,
             session_idle_timeout_secs: DEFAULT_SESSION_IDLE_TIMEOUT_SECS,
             connect_phase_timeout_ms: DEFAULT_CONNECT_PHASE_TIMEOUT_MS,
@@ -105,10 +127,18 @@ impl Default for ServerConfig {
             udp_idle_timeout_secs: DEFAULT_UDP_IDLE_TIMEOUT_SECS,
             udp_reply_filter: UdpReplyFilter::default(),
             bind_timeout_secs: DEFAULT_BIND_TIMEOUT_SECS,
+            proxy_protocol: DEFAULT_PROXY_PROTOCOL,
+            proxy_protocol_trusted: default_proxy_protocol_trusted(),
+            reuse_port: DEFAULT_REUSE_PORT,
             dns: DnsConfig::default(),
             pool: PoolConfig::default(),
         }
     }
+}
+
+/// [`DEFAULT_PROXY_PROTOCOL_TRUSTED`] as networks.
+pub fn default_proxy_protocol_trusted() -> Vec<IpNet> {
+    DEFAULT_PROXY_PROTOCOL_TRUSTED.iter().filter_map(|net| net.parse().ok()).collect()
 }
 
 impl ServerConfig {
@@ -126,6 +156,10 @@ impl ServerConfig {
 
     pub fn connect_phase_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_phase_timeout_ms)
+    }
+
+    pub fn shutdown_delay(&self) -> Duration {
+        Duration::from_millis(self.shutdown_delay_ms)
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -159,6 +193,8 @@ pub struct PoolConfig {
     pub exclude_ports: Vec<PortRange>,
     /// Destination networks that never get spares.
     pub exclude_networks: Vec<IpNet>,
+    /// Destinations the pool tracks at most; the least recently active is forgotten first.
+    pub max_destinations: usize,
 }
 
 impl Default for PoolConfig {
@@ -171,6 +207,7 @@ impl Default for PoolConfig {
             connect_timeout_ms: DEFAULT_CONNECT_TIMEOUT_MS,
             exclude_ports: Vec::new(),
             exclude_networks: Vec::new(),
+            max_destinations: DEFAULT_MAX_DESTINATIONS,
         }
     }
 }

@@ -22,11 +22,14 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::admission::{Admission, Doorkeeper};
 use super::budget::{BudgetArgs, GlobalBudget};
 use super::category;
 use super::janitor::{Janitor, JanitorArgs};
 use super::manager::{ManagerArgs, PoolManager};
-use super::messages::{BudgetMsg, DirectoryMsg, JanitorMsg, ManagerMsg, ManagerSweep, SweepReport};
+use super::messages::{
+    BudgetMsg, Checkout, DirectoryMsg, JanitorMsg, ManagerMsg, ManagerSweep, SweepReport,
+};
 use super::options::PoolOptions;
 use super::stats::{BudgetStats, DestCounters, DestStats, PoolStats};
 use crate::socks::TargetAddr;
@@ -34,6 +37,10 @@ use crate::telemetry::Telemetry;
 use crate::upstream::Dialer;
 
 pub struct Directory;
+
+/// Destinations sampled when one must be forgotten (an approximate LRU, as Redis does): enough
+/// to find a cold one almost always, without a scan of every destination per new name.
+const EVICTION_SAMPLE: usize = 16;
 
 pub struct DirectoryArgs {
     pub options: Arc<PoolOptions>,
@@ -92,6 +99,12 @@ pub struct DirectoryState {
     retired: DestCounters,
     manager_restarts: u64,
     pruned: u64,
+    /// First sightings not yet admitted (see `admission`).
+    doorkeeper: Option<Doorkeeper>,
+    /// Checkouts answered `Pass` (a destination's first sighting).
+    passes: u64,
+    /// Destinations forgotten to stay within `max_destinations`.
+    forgotten: u64,
 }
 
 impl Actor for Directory {
@@ -108,7 +121,6 @@ impl Actor for Directory {
         let budget = spawn_budget(&myself, &args.options, &budget_stats).await?;
         let janitor = spawn_janitor(&myself, &args.options).await?;
         Ok(DirectoryState {
-            options: args.options,
             dialer: args.dialer,
             telemetry: args.telemetry,
             budget,
@@ -120,6 +132,15 @@ impl Actor for Directory {
             retired: DestCounters::default(),
             manager_restarts: 0,
             pruned: 0,
+            doorkeeper: match args.options.admission {
+                Admission::Always => None,
+                Admission::SecondSighting { window } => {
+                    Some(Doorkeeper::new(window, args.options.max_destinations))
+                }
+            },
+            passes: 0,
+            forgotten: 0,
+            options: args.options,
         })
     }
 
@@ -144,6 +165,11 @@ impl Actor for Directory {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             DirectoryMsg::Acquire(target, reply) => {
+                if !state.managers.contains_key(&target) && !state.admits(&target) {
+                    state.passes += 1;
+                    let _ = reply.send(Checkout::Pass);
+                    return Ok(());
+                }
                 let mut request = ManagerMsg::Acquire(reply);
                 // Two tries: a manager that died a moment ago (its supervision event not seen
                 // yet) is replaced and asked again.
@@ -247,6 +273,14 @@ async fn spawn_janitor(
 }
 
 impl DirectoryState {
+    /// Whether a destination without a manager gets one now (its second sighting).
+    fn admits(&mut self, target: &TargetAddr) -> bool {
+        match &mut self.doorkeeper {
+            None => true,
+            Some(doorkeeper) => doorkeeper.admit(target, Instant::now()),
+        }
+    }
+
     /// The destination's manager, spawned on first demand. `None` only if spawning failed.
     async fn manager_for(
         &mut self,
@@ -255,6 +289,9 @@ impl DirectoryState {
     ) -> Option<ActorRef<ManagerMsg>> {
         if let Some(entry) = self.managers.get(target) {
             return Some(entry.manager.clone());
+        }
+        if self.managers.len() >= self.options.max_destinations {
+            self.forget_one();
         }
         let stats = Arc::new(watch::Sender::new(DestStats {
             destination: target.to_string(),
@@ -410,14 +447,42 @@ impl DirectoryState {
         report
     }
 
+    /// Makes room for a new destination: of a few destinations sampled (the map's iteration
+    /// order is random per process), stops the least recently active, preferring one with
+    /// nothing idle or in use. Its spares close with it before the budget frees their slots.
+    fn forget_one(&mut self) {
+        let victim = self
+            .managers
+            .iter()
+            .take(EVICTION_SAMPLE)
+            .min_by_key(|(_, entry)| {
+                let stats = entry.stats.borrow();
+                (stats.idle > 0 || stats.in_use > 0, stats.last_activity_ms)
+            })
+            .map(|(target, _)| target.clone());
+        let Some(target) = victim else { return };
+        if let Some(entry) = self.managers.remove(&target) {
+            self.routes.remove(&target);
+            self.by_id.remove(&entry.manager.get_id());
+            self.retired.add(&entry.stats.borrow().counters);
+            self.forgotten += 1;
+            entry.manager.stop(Some("max_destinations reached".into()));
+            tracing::debug!(%target, "forgot a destination to stay within max_destinations");
+        }
+    }
+
     fn stats(&self) -> PoolStats {
         let per_destination = self.managers.values().map(|e| e.stats.borrow().clone()).collect();
-        PoolStats::assemble(
+        let mut stats = PoolStats::assemble(
             per_destination,
             &self.retired,
             self.budget_stats.borrow().clone(),
             self.manager_restarts,
             self.pruned,
-        )
+        );
+        stats.first_sightings = self.passes;
+        stats.destinations_forgotten = self.forgotten;
+        stats.first_sightings_remembered = self.doorkeeper.as_ref().map_or(0, Doorkeeper::len);
+        stats
     }
 }

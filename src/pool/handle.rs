@@ -258,6 +258,7 @@ impl Connector for Pool {
                         lease.stale();
                     }
                     Ok(Checkout::Miss { lease }) => return self.dial_for_miss(target, lease).await,
+                    Ok(Checkout::Pass) => return Ok(Upstream::dialed(self.dial(target).await?)),
                     Err(why) => {
                         self.fallback_dials.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%target, %why, "pool unavailable; dialing directly");
@@ -271,6 +272,7 @@ impl Connector for Pool {
                 }
             }
             // Every spare tried was stale: this client dials for itself.
+            self.fallback_dials.fetch_add(1, Ordering::Relaxed);
             Ok(Upstream::dialed(self.dial(target).await?))
         })
     }

@@ -238,6 +238,7 @@ impl ManagerState {
         let now = Instant::now();
         self.last_activity = now;
         self.refill.observe_checkout(now);
+        self.server_limit.observe_checkout(now);
         let retire_age = self.server_limit.retire_age(now);
         let mut found = None;
         while let Some(spare) = self.idle.pop() {

@@ -22,6 +22,9 @@ pub enum Checkout {
     Hit { stream: TcpStream, lease: PoolLease },
     /// Nothing usable is pooled: the caller dials itself (outside the actor) and keeps the lease.
     Miss { lease: PoolLease },
+    /// The destination is not (yet) one the pool keeps spares for: the caller dials itself, and
+    /// nothing is tracked (see `admission`).
+    Pass,
 }
 
 impl std::fmt::Debug for Checkout {
@@ -29,6 +32,7 @@ impl std::fmt::Debug for Checkout {
         match self {
             Checkout::Hit { .. } => f.write_str("Checkout::Hit"),
             Checkout::Miss { .. } => f.write_str("Checkout::Miss"),
+            Checkout::Pass => f.write_str("Checkout::Pass"),
         }
     }
 }

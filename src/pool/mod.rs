@@ -56,21 +56,26 @@
 //! options.janitor_period = None; // the harness runs the Janitor itself
 //! let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled()).await?;
 //!
-//! // First checkout: a miss (dialed for us), which starts a background dial of a spare.
+//! // First sighting of a destination: dialed for us, only remembered (no manager, no spare).
 //! let first = pool.acquire(&target).await?;
 //! assert_eq!(first.origin, Origin::Dialed);
 //! first.finish(false); // it carried traffic: closed, never pooled
 //!
-//! // Await the spare (an event, not a sleep), then the second client gets it.
+//! // Second: a miss (dialed for us), which starts a background dial of a spare.
+//! let second = pool.acquire(&target).await?;
+//! assert_eq!(second.origin, Origin::Dialed);
+//! second.finish(false);
+//!
+//! // Await the spare (an event, not a sleep), then the third client gets it.
 //! let mut dest = pool.watch_destination(&target).await?;
 //! dest.wait_for(|s| s.idle == 1).await?;
-//! let second = pool.acquire(&target).await?;
-//! assert_eq!(second.origin, Origin::Pooled);
-//! second.finish(false);
+//! let third = pool.acquire(&target).await?;
+//! assert_eq!(third.origin, Origin::Pooled);
+//! third.finish(false);
 //!
 //! dest.wait_for(|s| s.idle == 1 && s.is_quiet()).await?; // its replacement
 //! let stats = pool.stats().await?;
-//! assert_eq!((stats.pool_hits, stats.pool_misses), (1, 1));
+//! assert_eq!((stats.first_sightings, stats.pool_misses, stats.pool_hits), (1, 1, 1));
 //! assert_eq!(stats.connections_in_use, 0);
 //!
 //! let report = pool.run_janitor().await?; // nothing is 90 s old yet
@@ -79,6 +84,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod admission;
 pub mod budget;
 pub mod directory;
 pub mod handle;
@@ -92,6 +98,7 @@ pub mod server_limit;
 pub mod spare;
 pub mod stats;
 
+pub use admission::Admission;
 pub use handle::{Pool, PoolError};
 pub use lease::PoolLease;
 pub use messages::{

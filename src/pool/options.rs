@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use super::admission::Admission;
 use super::refill::RefillMode;
 use ipnet::IpNet;
 
@@ -36,6 +37,10 @@ pub struct PoolOptions {
     pub exclude_ports: Vec<PortRange>,
     /// Destinations in these networks get no spares (`[server.pool] exclude_networks`).
     pub exclude_networks: Vec<IpNet>,
+    /// When a destination gets a PoolManager (see `admission`).
+    pub admission: Admission,
+    /// Destinations with a PoolManager at most (`[server.pool] max_destinations`).
+    pub max_destinations: usize,
 }
 
 impl PoolOptions {
@@ -62,6 +67,10 @@ impl PoolOptions {
             refill: RefillMode::Adaptive,
             exclude_ports: config.exclude_ports.clone(),
             exclude_networks: config.exclude_networks.clone(),
+            // A spare older than the idle timeout is closed anyway: a destination not asked
+            // for again within it could not have used one.
+            admission: Admission::SecondSighting { window: idle_timeout },
+            max_destinations: config.max_destinations,
         }
     }
 }

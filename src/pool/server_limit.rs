@@ -30,6 +30,8 @@ pub const MIN_CLOSES: u32 = 2;
 const LIMIT_WEIGHT: f64 = 0.5;
 /// Weight of the newest hand-out in the wait's moving average.
 const WAIT_WEIGHT: f64 = 0.2;
+/// Weight of the newest gap between checkouts in its moving average.
+const GAP_WEIGHT: f64 = 0.3;
 
 #[derive(Debug, Clone, Default)]
 pub struct ServerIdleLimit {
@@ -37,6 +39,9 @@ pub struct ServerIdleLimit {
     closes: u32,
     observed_at: Option<Instant>,
     wait_secs: Option<f64>,
+    /// Moving average of the time between checkouts, and the last one.
+    gap_secs: Option<f64>,
+    last_checkout: Option<Instant>,
 }
 
 impl ServerIdleLimit {
@@ -52,6 +57,18 @@ impl ServerIdleLimit {
         self.limit_secs = Some(limit);
         self.closes = closes;
         self.observed_at = Some(now);
+    }
+
+    /// A checkout at `now`: the gaps between checkouts bound how long a spare waits.
+    pub fn observe_checkout(&mut self, now: Instant) {
+        if let Some(last) = self.last_checkout {
+            let gap = now.saturating_duration_since(last).as_secs_f64();
+            self.gap_secs = Some(match self.gap_secs {
+                Some(avg) => avg + GAP_WEIGHT * (gap - avg),
+                None => gap,
+            });
+        }
+        self.last_checkout = Some(now);
     }
 
     /// A spare was handed out `waited` after its dial.
@@ -79,9 +96,14 @@ impl ServerIdleLimit {
     }
 
     /// How long a spare can be expected to wait for its client here: the measured wait at
-    /// hand-out, but never less than the gap between checkouts at `checkouts_per_sec`.
+    /// hand-out, but never less than the gap between checkouts (measured, or else from
+    /// `checkouts_per_sec`).
     pub fn expected_wait(&self, checkouts_per_sec: f64) -> Duration {
-        let gap = if checkouts_per_sec > 0.0 { 1.0 / checkouts_per_sec } else { f64::INFINITY };
+        let gap = match self.gap_secs {
+            Some(gap) => gap,
+            None if checkouts_per_sec > 0.0 => 1.0 / checkouts_per_sec,
+            None => f64::INFINITY,
+        };
         let wait = self.wait_secs.unwrap_or(0.0).max(gap);
         Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX)
     }
@@ -122,6 +144,26 @@ mod tests {
         assert!(!limit.spares_pay(1.0 / 12.0, now));
         // Nobody at all: none either.
         assert!(!limit.spares_pay(0.0, now));
+    }
+
+    #[test]
+    fn measured_gaps_between_checkouts_decide_not_the_jumpy_rate() {
+        let mut limit = ServerIdleLimit::default();
+        let start = Instant::now();
+        limit.observe_close(Duration::from_secs(2), start);
+        limit.observe_close(Duration::from_secs(2), start);
+        // A client every 3 s: a spare would wait longer than its 1.5 s of life, whatever the
+        // rate estimate says right after a checkout.
+        for i in 0..5 {
+            limit.observe_checkout(start + Duration::from_secs(3 * i));
+        }
+        assert!(!limit.spares_pay(10.0, start));
+        // Clients every 100 ms again: spares pay.
+        let busy = start + Duration::from_secs(12);
+        for i in 0..20 {
+            limit.observe_checkout(busy + Duration::from_millis(100 * i));
+        }
+        assert!(limit.spares_pay(10.0, busy));
     }
 
     #[test]

@@ -195,6 +195,13 @@ pub struct PoolStats {
     pub destinations_pruned: u64,
     /// Checkouts the pool did not answer in time (or at all): the handler dialed directly.
     pub fallback_dials: u64,
+    /// Checkouts of a destination seen for the first time (within the admission window):
+    /// dialed directly, no manager, no spare.
+    pub first_sightings: u64,
+    /// First sightings remembered now, waiting for a second.
+    pub first_sightings_remembered: usize,
+    /// Destinations forgotten to stay within `max_destinations`.
+    pub destinations_forgotten: u64,
     pub budget: BudgetStats,
     /// Sorted by destination.
     pub per_destination: Vec<DestStats>,

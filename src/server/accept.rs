@@ -1,19 +1,25 @@
 //! The accept loop: admission against `max_connections`, and back-off on accept errors.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 
 use super::handler::{self, HandlerContext};
+use crate::throttle::Throttle;
 
 const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one "max_connections reached" line per this long: at the limit, every client that
+/// arrives while a slot is taken is a rejection, and churn around the limit would otherwise
+/// log two lines per client.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Counts a run of failures so a burst is logged once at its start and once at its end,
 /// never once per failure (a flood of EMFILE must not become a flood of log lines).
@@ -46,9 +52,58 @@ fn is_per_connection(error: &io::Error) -> bool {
     )
 }
 
+/// Most connections taken from the kernel's queue when the listener stops (its backlog is 1024):
+/// bounds the drain even if clients keep arriving faster than it runs.
+const BACKLOG_DRAIN_MAX: usize = 4096;
+
+/// What admitting one accepted connection needs: the limit, the handler's context, the task set.
+struct Admission<'a> {
+    limit: Arc<Semaphore>,
+    ctx: Arc<HandlerContext>,
+    tracker: &'a TaskTracker,
+    cut: &'a CancellationToken,
+    rejections: Throttle,
+}
+
+impl Admission<'_> {
+    /// Serves `client` in a task holding a permit of `limit`, or closes it at once when
+    /// `max_connections` are being served.
+    fn admit(&mut self, client: TcpStream, peer: SocketAddr) {
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            self.ctx.metrics.rejected_over_limit();
+            if let Some(held_back) = self.rejections.allow(tokio::time::Instant::now()) {
+                warn!(
+                    rejected_since_last_report = held_back,
+                    "max_connections reached: closing new clients until a slot frees"
+                );
+            }
+            drop(client);
+            return;
+        };
+        // With the PROXY protocol the socket's peer is the balancer (`via`); the handler
+        // records the client named by the header as `peer` once it has read it.
+        let span = if self.ctx.proxy_protocol.is_some() {
+            info_span!("client", peer = tracing::field::Empty, via = %peer)
+        } else {
+            info_span!("client", %peer)
+        };
+        let ctx = self.ctx.clone();
+        let cut = self.cut.clone();
+        self.tracker.spawn(
+            async move {
+                handler::serve(ctx, client, peer, cut).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
 /// Accepts until `stop` fires. Each admitted client runs in a task on `tracker` holding a
 /// permit of `limit`; clients over the limit are accepted and closed at once rather than left
-/// waiting in the kernel backlog.
+/// waiting in the kernel backlog. When `stop` fires, the connections already waiting in the
+/// kernel's accept queue are taken and served too: closing a listener resets them, and a load
+/// balancer that saw its connect succeed cannot send that client elsewhere.
 pub(super) async fn accept_loop(
     listener: &TcpListener,
     limit: Arc<Semaphore>,
@@ -57,13 +112,14 @@ pub(super) async fn accept_loop(
     cut: &CancellationToken,
     stop: &CancellationToken,
 ) {
+    let mut admission =
+        Admission { limit, ctx, tracker, cut, rejections: Throttle::new(REJECTION_LOG_INTERVAL) };
     let mut errors = Burst::default();
-    let mut rejections = Burst::default();
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
         };
         match accepted {
             Ok((client, peer)) => {
@@ -71,26 +127,7 @@ pub(super) async fn accept_loop(
                     warn!(failures, "accepting again after a burst of accept errors");
                 }
                 backoff = ACCEPT_BACKOFF_START;
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    ctx.metrics.rejected_over_limit();
-                    if rejections.fail() {
-                        warn!(%peer, "max_connections reached: closing new clients until a slot frees");
-                    }
-                    drop(client);
-                    continue;
-                };
-                if let Some(rejected) = rejections.end() {
-                    warn!(rejected, "below max_connections again");
-                }
-                let ctx = ctx.clone();
-                let cut = cut.clone();
-                tracker.spawn(
-                    async move {
-                        handler::serve(ctx, client, peer, cut).await;
-                        drop(permit);
-                    }
-                    .instrument(info_span!("client", %peer)),
-                );
+                admission.admit(client, peer);
             }
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
@@ -100,12 +137,39 @@ pub(super) async fn accept_loop(
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stop.cancelled() => return,
+                    _ = stop.cancelled() => break,
                 }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }
+    let drained = drain_backlog(listener, &mut admission);
+    if drained > 0 {
+        debug!(drained, "served the connections still queued when the listener stopped");
+    }
+}
+
+/// Accepts, without waiting, what the kernel has queued on `listener` right now. The accept
+/// is a plain non-blocking syscall on the socket (not tokio's readiness, which may not have
+/// seen the latest arrivals yet). Returns how many were taken.
+fn drain_backlog(listener: &TcpListener, admission: &mut Admission<'_>) -> usize {
+    let mut taken = 0;
+    while taken < BACKLOG_DRAIN_MAX {
+        let (socket, addr) = match socket2::SockRef::from(listener).accept() {
+            Ok(accepted) => accepted,
+            Err(e) if is_per_connection(&e) => continue,
+            // WouldBlock: the queue is empty; anything else: nothing more to take either.
+            Err(_) => break,
+        };
+        let Some(peer) = addr.as_socket() else { continue };
+        if socket.set_nonblocking(true).is_err() {
+            continue;
+        }
+        let Ok(client) = TcpStream::from_std(std::net::TcpStream::from(socket)) else { continue };
+        taken += 1;
+        admission.admit(client, peer);
+    }
+    taken
 }
 
 #[cfg(test)]

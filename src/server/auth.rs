@@ -1,16 +1,37 @@
 //! Which SOCKS method a client gets, the username/password check, and the per-address limit
-//! on failed logins.
+//! on failed logins (see [`super::login_limit`]).
+//!
+//! What a login costs must not depend on who is asked about, nor be chosen by an attacker:
+//! - **Bounded memory and threads.** An argon2 check takes its memory parameter in RAM (19 MiB
+//!   by default) for a few tens of milliseconds. At most [`MAX_CONCURRENT_VERIFICATIONS`] run at
+//!   once; the others wait for a place, and the wait counts against the handshake timeout.
+//!   (160 concurrent logins used to take 2.4 GiB.) `main` keeps such blocks out of the
+//!   allocator's arenas, so their memory goes back to the system when a check ends.
+//! - **The same cost for every miss.** When any user has an argon2 hash, every login runs one
+//!   argon2 check with the most expensive parameters configured: a hashed user's own, or a
+//!   decoy for an unknown user, and a decoy after the constant-time compare of a plain-password
+//!   user. Unknown users, wrong plain passwords and wrong hashed passwords then look alike.
+//!   (Hashed users with cheaper parameters than others remain distinguishable: `validate()`
+//!   warns about mixed parameters.)
+//! - **Counted before checked**: a place against the failure limit is taken first.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
+use tokio::sync::Semaphore;
 
+use super::login_limit::{LoginLimit, DEFAULT_CAPACITY};
 use crate::config::{AuthConfig, SocksMethod};
 use crate::secret::Secret;
 use crate::socks::{UserPassRequest, METHOD_NO_AUTH, METHOD_USERPASS};
+
+/// argon2 checks running at once. Two cores here: more would only queue on the CPU while each
+/// held its memory.
+pub const MAX_CONCURRENT_VERIFICATIONS: usize = 2;
 
 /// How a configured password is held.
 #[derive(Debug, Clone)]
@@ -28,24 +49,6 @@ impl Credential {
             Credential::Plain(password.clone())
         }
     }
-
-    async fn verify(&self, candidate: Secret) -> bool {
-        match self {
-            Credential::Plain(password) => password.matches(candidate.expose().as_bytes()),
-            Credential::Hashed(phc) => {
-                let phc = phc.clone();
-                tokio::task::spawn_blocking(move || {
-                    PasswordHash::new(phc.expose()).is_ok_and(|hash| {
-                        Argon2::default()
-                            .verify_password(candidate.expose().as_bytes(), &hash)
-                            .is_ok()
-                    })
-                })
-                .await
-                .unwrap_or(false)
-            }
-        }
-    }
 }
 
 /// The result of a login attempt.
@@ -53,8 +56,61 @@ impl Credential {
 pub enum LoginOutcome {
     Accepted,
     Rejected,
-    /// Too many recent failures from this address: refused without checking the password.
+    /// Too many recent failures (or attempts in flight) from this address: refused without
+    /// checking the password.
     RateLimited,
+}
+
+/// Counters of the login path, for the stats endpoint and tests.
+#[derive(Debug, Default)]
+pub struct AuthCounters {
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub rate_limited: AtomicU64,
+    /// argon2 checks run (real and decoy).
+    pub argon2_checks: AtomicU64,
+}
+
+/// A snapshot of [`AuthCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AuthCountersSnapshot {
+    pub logins_accepted: u64,
+    pub logins_rejected: u64,
+    pub logins_rate_limited: u64,
+    pub argon2_checks: u64,
+}
+
+impl AuthCounters {
+    pub fn snapshot(&self) -> AuthCountersSnapshot {
+        AuthCountersSnapshot {
+            logins_accepted: self.accepted.load(Relaxed),
+            logins_rejected: self.rejected.load(Relaxed),
+            logins_rate_limited: self.rate_limited.load(Relaxed),
+            argon2_checks: self.argon2_checks.load(Relaxed),
+        }
+    }
+}
+
+/// Runs argon2 checks on the blocking pool, a bounded number at a time.
+#[derive(Debug)]
+struct Verifier {
+    places: Semaphore,
+    counters: Arc<AuthCounters>,
+}
+
+impl Verifier {
+    async fn verify(&self, phc: Arc<Secret>, candidate: Secret) -> bool {
+        // Waiting here is part of the handshake, which has its own timeout.
+        let Ok(_place) = self.places.acquire().await else { return false };
+        self.counters.argon2_checks.fetch_add(1, Relaxed);
+        tokio::task::spawn_blocking(move || {
+            PasswordHash::new(phc.expose()).is_ok_and(|hash| {
+                Argon2::default().verify_password(candidate.expose().as_bytes(), &hash).is_ok()
+            })
+        })
+        .await
+        .unwrap_or(false)
+    }
 }
 
 /// The authentication policy, built once from `[auth]`.
@@ -62,14 +118,29 @@ pub enum LoginOutcome {
 pub struct Authenticator {
     method: SocksMethod,
     users: HashMap<String, Credential>,
-    /// Checked when the username is unknown, so a miss costs as long as a wrong password
-    /// (the first hashed password if any user has one, so timing matches the slow path too).
-    decoy: Credential,
-    failures: FailedLogins,
+    /// Checked for unknown users and after plain-password checks when any user is hashed:
+    /// the configured hash with the highest cost, so every login costs the same.
+    decoy: Option<Arc<Secret>>,
+    verifier: Verifier,
+    failures: Arc<LoginLimit>,
+    counters: Arc<AuthCounters>,
+}
+
+/// argon2 cost of a PHC string: memory (KiB) times passes, as configured.
+fn argon2_cost(phc: &Secret) -> u64 {
+    PasswordHash::new(phc.expose()).map_or(0, |hash| {
+        let param = |name: &str| hash.params.get_decimal(name).map_or(1, u64::from);
+        param("m").saturating_mul(param("t")).saturating_mul(param("p").max(1))
+    })
 }
 
 impl Authenticator {
     pub fn from_config(auth: &AuthConfig) -> Self {
+        Self::with_counters(auth, Arc::default())
+    }
+
+    /// Like [`Authenticator::from_config`], counting into `counters` (the server's).
+    pub fn with_counters(auth: &AuthConfig, counters: Arc<AuthCounters>) -> Self {
         let users: HashMap<String, Credential> = auth
             .users
             .iter()
@@ -77,18 +148,30 @@ impl Authenticator {
             .collect();
         let decoy = users
             .values()
-            .find(|credential| matches!(credential, Credential::Hashed(_)))
-            .cloned()
-            .unwrap_or_else(|| Credential::Plain(Secret::new("x".repeat(32))));
+            .filter_map(|credential| match credential {
+                Credential::Hashed(phc) => Some(phc.clone()),
+                Credential::Plain(_) => None,
+            })
+            .max_by_key(|phc| argon2_cost(phc));
         Authenticator {
             method: auth.method(),
             users,
             decoy,
-            failures: FailedLogins::new(
+            verifier: Verifier {
+                places: Semaphore::new(MAX_CONCURRENT_VERIFICATIONS),
+                counters: counters.clone(),
+            },
+            failures: LoginLimit::new(
                 auth.login_failure_limit,
                 Duration::from_secs(auth.login_failure_window_secs),
+                DEFAULT_CAPACITY,
             ),
+            counters,
         }
+    }
+
+    pub fn counters(&self) -> Arc<AuthCounters> {
+        self.counters.clone()
     }
 
     /// The method byte to select from what the client offers, or `None` if nothing fits.
@@ -101,59 +184,43 @@ impl Authenticator {
     }
 
     pub async fn login(&self, client: IpAddr, request: &UserPassRequest) -> LoginOutcome {
-        if self.failures.is_limited(client, Instant::now()) {
+        let Some(attempt) = self.failures.begin(client, Instant::now()) else {
+            self.counters.rate_limited.fetch_add(1, Relaxed);
             return LoginOutcome::RateLimited;
-        }
+        };
+        let candidate = request.password.clone();
         let accepted = match self.users.get(&request.username) {
-            Some(credential) => credential.verify(request.password.clone()).await,
+            Some(Credential::Plain(password)) => {
+                let matched = password.matches(candidate.expose().as_bytes());
+                self.decoy_check(candidate).await;
+                matched
+            }
+            Some(Credential::Hashed(phc)) => self.verifier.verify(phc.clone(), candidate).await,
             None => {
-                let _ = self.decoy.verify(request.password.clone()).await;
+                // A plain compare against a fixed string when nobody is hashed, else argon2.
+                if self.decoy.is_none() {
+                    let _ = Secret::new("x".repeat(32)).matches(candidate.expose().as_bytes());
+                }
+                self.decoy_check(candidate).await;
                 false
             }
         };
         if accepted {
+            attempt.succeeded();
+            self.counters.accepted.fetch_add(1, Relaxed);
             LoginOutcome::Accepted
         } else {
-            self.failures.record(client, Instant::now());
+            attempt.failed();
+            self.counters.rejected.fetch_add(1, Relaxed);
             LoginOutcome::Rejected
         }
     }
-}
 
-/// Failed logins per source address in fixed windows. A short mutex is fine: it is touched
-/// once per login, not per byte.
-#[derive(Debug)]
-struct FailedLogins {
-    limit: u32,
-    window: Duration,
-    by_address: Mutex<HashMap<IpAddr, (Instant, u32)>>,
-}
-
-/// Above this many tracked addresses, expired entries are purged so memory stays bounded.
-const MAX_TRACKED_ADDRESSES: usize = 10_000;
-
-impl FailedLogins {
-    fn new(limit: u32, window: Duration) -> Self {
-        FailedLogins { limit, window, by_address: Mutex::new(HashMap::new()) }
-    }
-
-    fn is_limited(&self, client: IpAddr, now: Instant) -> bool {
-        let map = self.by_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        map.get(&client).is_some_and(|&(start, count)| {
-            now.duration_since(start) < self.window && count >= self.limit
-        })
-    }
-
-    fn record(&self, client: IpAddr, now: Instant) {
-        let mut map = self.by_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if map.len() >= MAX_TRACKED_ADDRESSES {
-            map.retain(|_, (start, _)| now.duration_since(*start) < self.window);
+    /// One argon2 check against the decoy, result ignored, when any user is hashed.
+    async fn decoy_check(&self, candidate: Secret) {
+        if let Some(decoy) = &self.decoy {
+            let _ = self.verifier.verify(decoy.clone(), candidate).await;
         }
-        let entry = map.entry(client).or_insert((now, 0));
-        if now.duration_since(entry.0) >= self.window {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
     }
 }
 
@@ -227,15 +294,59 @@ mod tests {
         assert_eq!(auth.login(other, &request("alice", "s3cret")).await, LoginOutcome::Accepted);
     }
 
-    #[test]
-    fn the_failure_window_expires() {
-        let failures = FailedLogins::new(2, Duration::from_secs(60));
-        let start = Instant::now();
-        failures.record(CLIENT, start);
-        failures.record(CLIENT, start);
-        assert!(failures.is_limited(CLIENT, start + Duration::from_secs(59)));
-        assert!(!failures.is_limited(CLIENT, start + Duration::from_secs(60)));
-        failures.record(CLIENT, start + Duration::from_secs(61));
-        assert!(!failures.is_limited(CLIENT, start + Duration::from_secs(61)), "new window");
+    fn hash(password: &[u8]) -> String {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt = SaltString::from_b64("cG9vbHNvY2tzdGVzdHNhbHQ").expect("salt");
+        Argon2::default().hash_password(password, &salt).expect("hash").to_string()
+    }
+
+    #[tokio::test]
+    async fn every_miss_costs_one_argon2_check_when_any_user_is_hashed() {
+        let auth = Authenticator::from_config(&AuthConfig {
+            users: vec![
+                UserConfig { username: "plain".into(), password: Secret::new("s3cret") },
+                UserConfig { username: "hashed".into(), password: Secret::new(hash(b"pw")) },
+            ],
+            login_failure_limit: 100,
+            ..AuthConfig::default()
+        });
+        let checks = |auth: &Authenticator| auth.counters().snapshot().argon2_checks;
+        for (user, password) in [("plain", "wrong"), ("hashed", "wrong"), ("nobody", "x")] {
+            let before = checks(&auth);
+            assert_eq!(auth.login(CLIENT, &request(user, password)).await, LoginOutcome::Rejected);
+            assert_eq!(checks(&auth) - before, 1, "{user}: one argon2 check");
+        }
+        // Without hashed users nobody pays for argon2.
+        let plain_only = auth_with("s3cret");
+        assert_eq!(plain_only.login(CLIENT, &request("nobody", "x")).await, LoginOutcome::Rejected);
+        assert_eq!(checks(&plain_only), 0);
+    }
+
+    #[tokio::test]
+    async fn concurrent_attempts_are_counted_before_they_are_checked() {
+        let auth = Arc::new(Authenticator::from_config(&AuthConfig {
+            users: vec![UserConfig {
+                username: "alice".into(),
+                password: Secret::new(hash(b"pw")),
+            }],
+            login_failure_limit: 5,
+            ..AuthConfig::default()
+        }));
+        let mut logins = Vec::new();
+        for i in 0..41 {
+            let auth = auth.clone();
+            let password = if i == 40 { "pw" } else { "wrong" };
+            logins.push(tokio::spawn(async move {
+                auth.login(CLIENT, &request("alice", password)).await
+            }));
+        }
+        let mut checked = 0;
+        for login in logins {
+            if login.await.expect("login task") != LoginOutcome::RateLimited {
+                checked += 1;
+            }
+        }
+        assert!(checked <= 5, "{checked} logins were checked with a limit of 5");
+        assert_eq!(auth.counters().snapshot().argon2_checks, checked);
     }
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -14,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::auth::{Authenticator, LoginOutcome};
 use super::bind::{self, BindSettings};
 use super::metrics::ServerMetrics;
+use super::proxy_header::{self, ProxiedSource};
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
 use super::udp::{self, UdpSettings};
 use crate::access::SharedPolicy;
@@ -48,15 +50,84 @@ pub struct HandlerContext {
     pub udp: Option<UdpSettings>,
     /// `None` when `[server] bind = false`.
     pub bind: Option<BindSettings>,
+    /// `Some(trusted sources)` when `[server] proxy_protocol = true`: every connection starts
+    /// with a PROXY protocol header naming the real client.
+    pub proxy_protocol: Option<Vec<IpNet>>,
+}
+
+/// Reads the PROXY protocol header of a connection from `socket_peer`, before `deadline`.
+/// Returns the client to serve (the header's source, or the balancer for LOCAL), or `None`
+/// when the connection must be closed (untrusted source, no valid header, too slow, shutdown).
+async fn proxied_client(
+    ctx: &HandlerContext,
+    trusted: &[IpNet],
+    client: &mut TcpStream,
+    socket_peer: SocketAddr,
+    deadline: tokio::time::Instant,
+    cancel: &CancellationToken,
+) -> Option<SocketAddr> {
+    if !proxy_header::is_trusted(trusted, socket_peer.ip()) {
+        info!("connection from a source not in server.proxy_protocol_trusted: closed");
+        ctx.metrics.proxy_untrusted();
+        ctx.telemetry.warning(
+            CATEGORY_ACCESS,
+            "PROXY protocol connection from an untrusted source",
+            vec![("source", json!(socket_peer.ip().to_string()))],
+        );
+        return None;
+    }
+    let read = tokio::time::timeout_at(deadline, proxy_header::read_header(client));
+    let source = tokio::select! {
+        read = read => read,
+        _ = cancel.cancelled() => return None,
+    };
+    match source {
+        Ok(Ok(source)) => {
+            let peer = source.client(socket_peer);
+            tracing::Span::current().record("peer", tracing::field::display(peer));
+            if source == ProxiedSource::Local {
+                debug!("PROXY protocol LOCAL: serving the balancer itself");
+            }
+            Some(peer)
+        }
+        Ok(Err(e)) => {
+            if e.is_disconnect() {
+                debug!(error = %e, "connection closed before its PROXY protocol header");
+            } else {
+                info!(error = %e, "invalid PROXY protocol header: closed");
+            }
+            ctx.metrics.proxy_header_invalid();
+            None
+        }
+        Err(_) => {
+            info!(timeout = ?ctx.handshake_timeout, "PROXY protocol header timed out");
+            ctx.metrics.proxy_header_invalid();
+            None
+        }
+    }
 }
 
 /// Serves one client to the end. Never panics on client input; every failure is logged once.
+/// `socket_peer` is the connection's peer: the client, or with the PROXY protocol on the
+/// balancer, whose header then names the client that everything below judges and records.
 pub async fn serve(
     ctx: Arc<HandlerContext>,
     mut client: TcpStream,
-    peer: SocketAddr,
+    socket_peer: SocketAddr,
     cancel: CancellationToken,
 ) {
+    // One deadline for the PROXY header and the SOCKS handshake together: a slow drip of the
+    // one cannot buy more time for the other.
+    let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+    let peer = match &ctx.proxy_protocol {
+        None => socket_peer,
+        Some(trusted) => {
+            match proxied_client(&ctx, trusted, &mut client, socket_peer, deadline, &cancel).await {
+                Some(peer) => peer,
+                None => return,
+            }
+        }
+    };
     if !ctx.access.load().client_allowed(peer.ip()) {
         info!("client address not allowed by access.client_networks");
         ctx.telemetry.warning(
@@ -67,7 +138,7 @@ pub async fn serve(
         return;
     }
     let _ = client.set_nodelay(true);
-    let handshake = tokio::time::timeout(ctx.handshake_timeout, handshake(&ctx, &mut client, peer));
+    let handshake = tokio::time::timeout_at(deadline, handshake(&ctx, &mut client, peer));
     let (request, pending) = tokio::select! {
         result = handshake => match result {
             Ok(Ok(negotiated)) => negotiated,

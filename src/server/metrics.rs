@@ -1,12 +1,14 @@
 //! Process-level counters of the SOCKS server (sessions by command, bytes, handshake failures,
-//! UDP associations and their datagrams, BIND waits).
+//! PROXY protocol refusals, UDP associations and their datagrams, BIND waits).
 //!
 //! Plain atomics: these are independent tallies read by the stats endpoint, not pool state.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 use serde::Serialize;
 
+use super::auth::{AuthCounters, AuthCountersSnapshot};
 use crate::socks::Command;
 
 #[derive(Debug, Default)]
@@ -20,6 +22,9 @@ pub struct ServerMetrics {
     bytes_upstream_to_client: AtomicU64,
     handshake_failures: AtomicU64,
     rejected_over_limit: AtomicU64,
+    proxy_untrusted: AtomicU64,
+    proxy_header_invalid: AtomicU64,
+    auth: Arc<AuthCounters>,
     pub udp: UdpMetrics,
     pub bind: BindMetrics,
 }
@@ -36,6 +41,12 @@ pub struct ServerMetricsSnapshot {
     pub bytes_upstream_to_client: u64,
     pub handshake_failures: u64,
     pub rejected_over_limit: u64,
+    /// PROXY protocol on: connections closed because their source is not trusted to send one.
+    pub proxy_untrusted: u64,
+    /// PROXY protocol on: connections closed for a missing, invalid or late header.
+    pub proxy_header_invalid: u64,
+    #[serde(flatten)]
+    pub auth: AuthCountersSnapshot,
     pub udp: UdpSnapshot,
     pub bind: BindSnapshot,
 }
@@ -79,6 +90,19 @@ impl ServerMetrics {
         self.rejected_over_limit.fetch_add(1, Relaxed);
     }
 
+    pub fn proxy_untrusted(&self) {
+        self.proxy_untrusted.fetch_add(1, Relaxed);
+    }
+
+    pub fn proxy_header_invalid(&self) {
+        self.proxy_header_invalid.fetch_add(1, Relaxed);
+    }
+
+    /// The login path's counters (shared with the `Authenticator`).
+    pub fn auth_counters(&self) -> Arc<AuthCounters> {
+        self.auth.clone()
+    }
+
     pub fn snapshot(&self) -> ServerMetricsSnapshot {
         ServerMetricsSnapshot {
             sessions_active: self.sessions_active.load(Relaxed),
@@ -92,6 +116,9 @@ impl ServerMetrics {
             bytes_upstream_to_client: self.bytes_upstream_to_client.load(Relaxed),
             handshake_failures: self.handshake_failures.load(Relaxed),
             rejected_over_limit: self.rejected_over_limit.load(Relaxed),
+            proxy_untrusted: self.proxy_untrusted.load(Relaxed),
+            proxy_header_invalid: self.proxy_header_invalid.load(Relaxed),
+            auth: self.auth.snapshot(),
             udp: self.udp.snapshot(),
             bind: self.bind.snapshot(),
         }

@@ -7,7 +7,10 @@ mod bind;
 mod copy;
 pub mod fd_limit;
 mod handler;
+pub mod login_limit;
+pub mod memory;
 pub mod metrics;
+pub mod proxy_header;
 pub mod relay;
 mod udp;
 
@@ -150,7 +153,7 @@ impl Server {
         self.readiness.set_listening(true);
         let server = &self.config.server;
         let ctx = Arc::new(HandlerContext {
-            auth: Authenticator::from_config(&self.config.auth),
+            auth: Authenticator::with_counters(&self.config.auth, self.metrics.auth_counters()),
             access: self.access.clone(),
             connector: self.connector.clone(),
             handshake_timeout: server.handshake_timeout(),
@@ -164,6 +167,7 @@ impl Server {
                 reply_filter: server.udp_reply_filter,
             }),
             bind: server.bind.then(|| bind::BindSettings { timeout: server.bind_timeout() }),
+            proxy_protocol: server.proxy_protocol.then(|| server.proxy_protocol_trusted.clone()),
         });
         let limit = Arc::new(Semaphore::new(server.max_connections));
         let tracker = TaskTracker::new();
@@ -175,14 +179,27 @@ impl Server {
             tokio::pin!(accepting);
             tokio::select! {
                 _ = &mut accepting => {}
-                _ = shutdown => stop.cancel(),
+                _ = shutdown => {
+                    // /health answers 503 from this moment on, before anything else happens,
+                    // so a load balancer's health check takes the instance out while it drains.
+                    self.readiness.set_listening(false);
+                    let delay = server.shutdown_delay();
+                    if !delay.is_zero() {
+                        info!(?delay, "shutting down: /health answers 503; still accepting until the delay ends");
+                        tokio::select! {
+                            _ = &mut accepting => {}
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    stop.cancel();
+                }
             }
             accepting.await;
         }
-        // Closing the listener now makes new clients fail fast instead of queueing.
-        drop(listener);
-        // /health answers 503 while draining, so a load balancer stops sending clients here.
         self.readiness.set_listening(false);
+        // Closing the listener now makes new clients fail fast instead of queueing (with
+        // reuse_port, the kernel sends them to the other processes on the port).
+        drop(listener);
 
         tracker.close();
         let grace = server.shutdown_grace();
@@ -209,10 +226,38 @@ impl Server {
     }
 }
 
-/// Binds `config.server`'s address and serves until `shutdown`.
+/// The listen backlog: what tokio's own `TcpListener::bind` uses.
+#[cfg(unix)]
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds `config.server`'s address (with SO_REUSEPORT when `reuse_port`, so several processes
+/// can share the port and the kernel spreads new connections over them).
 pub async fn bind(config: &Config) -> Result<TcpListener, ServerError> {
     let addr = config.server.bind_addr();
-    TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })
+    let bound = if config.server.reuse_port {
+        bind_reuse_port(addr)
+    } else {
+        TcpListener::bind(addr).await
+    };
+    bound.map_err(|source| ServerError::Bind { addr, source })
+}
+
+#[cfg(unix)]
+fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+#[cfg(not(unix))]
+fn bind_reuse_port(_addr: SocketAddr) -> std::io::Result<TcpListener> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "SO_REUSEPORT needs Unix"))
 }
 
 /// Builds a server from `config` and runs it on `listener` until `shutdown` completes.

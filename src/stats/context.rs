@@ -30,6 +30,9 @@ pub struct StatsOptions {
     pub connection_lifetime: Duration,
     /// At shutdown, how long responses in flight may take to finish.
     pub shutdown_grace: Duration,
+    /// At the connection limit, a connection that has waited this long for a request head may
+    /// be closed to serve a newcomer (see `server`); younger ones are left alone.
+    pub evictable_after: Duration,
     /// Destinations given their own labelled series in `/metrics` (the busiest ones); the rest
     /// are only in the totals, so a client naming many destinations cannot blow up cardinality.
     pub metrics_destination_cap: usize,
@@ -45,6 +48,7 @@ impl Default for StatsOptions {
             max_connections: 64,
             connection_lifetime: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(2),
+            evictable_after: Duration::from_millis(100),
             metrics_destination_cap: 50,
         }
     }

@@ -28,16 +28,6 @@ struct DestinationLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DirectionLabel {
-    direction: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct CommandLabel {
-    command: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReasonLabel {
     reason: &'static str,
 }
@@ -45,6 +35,16 @@ struct ReasonLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabel {
+    command: &'static str,
 }
 
 pub(super) async fn handle(shared: &Shared) -> Response<Body> {
@@ -110,6 +110,33 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "rejected_over_limit",
         "Clients closed at once because max_connections were being served",
         server.rejected_over_limit,
+    );
+    let proxy_rejected = Family::<ReasonLabel, Counter>::default();
+    for (reason, count) in [
+        ("untrusted_source", server.proxy_untrusted),
+        ("invalid_header", server.proxy_header_invalid),
+    ] {
+        proxy_rejected.get_or_create(&ReasonLabel { reason }).inc_by(count);
+    }
+    registry.register(
+        "proxy_protocol_rejected",
+        "Connections closed before SOCKS with the PROXY protocol on: source not trusted, or header missing, invalid or late",
+        proxy_rejected,
+    );
+    let logins = Family::<OutcomeLabel, Counter>::default();
+    for (outcome, count) in [
+        ("accepted", server.auth.logins_accepted),
+        ("rejected", server.auth.logins_rejected),
+        ("rate_limited", server.auth.logins_rate_limited),
+    ] {
+        logins.get_or_create(&OutcomeLabel { outcome }).inc_by(count);
+    }
+    registry.register("logins", "RFC 1929 logins by outcome", logins);
+    counter(
+        &mut registry,
+        "argon2_checks",
+        "argon2 password checks run (real and decoy), at most 2 at once",
+        server.auth.argon2_checks,
     );
     udp_and_bind(&mut registry, &server);
     let (held, recorded) = ctx.telemetry.counts();

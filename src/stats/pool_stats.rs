@@ -7,12 +7,23 @@ use hyper::{Response, StatusCode};
 use serde_json::{json, Map, Value};
 
 use super::pool_view::PoolView;
+use super::query::DestinationsQuery;
 use super::response::{self, Body};
 use super::router::Shared;
 use crate::config::{Config, SocksMethod};
-use crate::pool::PoolStats;
+use crate::pool::{DestStats, PoolStats};
 
-pub(super) async fn handle(shared: &Shared) -> Response<Body> {
+pub(super) async fn handle(shared: &Shared, raw_query: Option<&str>) -> Response<Body> {
+    let listing = match DestinationsQuery::parse(raw_query) {
+        Ok(listing) => listing,
+        Err(e) => {
+            return response::error(
+                StatusCode::BAD_REQUEST,
+                e.to_string(),
+                json!({ "parameter": e.parameter }),
+            )
+        }
+    };
     let view = shared.pool.read().await;
     let (status, stats, problem) = match &view {
         PoolView::Up(stats) => (StatusCode::OK, (**stats).clone(), None),
@@ -37,7 +48,17 @@ pub(super) async fn handle(shared: &Shared) -> Response<Body> {
         json!(ratio(stats.pool_hits, stats.pool_hits + stats.pool_misses)),
     );
     body.insert("reuse_rate".into(), json!(ratio(stats.total_reused, stats.total_created)));
-    body.insert("per_destination".into(), per_destination(&stats, config));
+    let (listed, omitted) = per_destination(&stats, config, listing);
+    body.insert("per_destination".into(), listed);
+    body.insert("destinations_omitted".into(), json!(omitted));
+    body.insert(
+        "destinations_listing".into(),
+        json!({
+            "order": if listing.all { "name" } else { "busiest" },
+            "offset": listing.offset,
+            "limit": listing.limit,
+        }),
+    );
     body.insert("config".into(), effective_config(config, shared.ctx.telemetry.is_enabled()));
     body.insert("server".into(), json!(shared.ctx.server_metrics.snapshot()));
     body.insert("generated_at_ms".into(), json!(now_ms()));
@@ -53,9 +74,30 @@ pub(super) fn ratio(part: u64, whole: u64) -> f64 {
     }
 }
 
-/// Each destination's own fields, plus its idle limit and hit rate (what the dashboard draws).
-fn per_destination(stats: &PoolStats, config: &Config) -> Value {
-    let rows = stats.per_destination.iter().map(|dest| {
+/// Each listed destination's own fields, plus its idle limit and hit rate (what the dashboard
+/// draws), and how many were left out. By default the busiest (checkout rate, then connections
+/// held); with `destinations=all`, every one by name, a page at a time.
+fn per_destination(
+    stats: &PoolStats,
+    config: &Config,
+    listing: DestinationsQuery,
+) -> (Value, usize) {
+    let mut chosen: Vec<&DestStats> = stats.per_destination.iter().collect();
+    if !listing.all {
+        let held = |d: &DestStats| d.in_use as usize + d.idle;
+        chosen.sort_by(|a, b| {
+            b.refill
+                .checkouts_per_sec
+                .total_cmp(&a.refill.checkouts_per_sec)
+                .then_with(|| held(b).cmp(&held(a)))
+                .then_with(|| a.destination.cmp(&b.destination))
+        });
+    }
+    let total = chosen.len();
+    let page: Vec<&DestStats> =
+        chosen.into_iter().skip(listing.offset).take(listing.limit).collect();
+    let omitted = total - page.len();
+    let rows = page.into_iter().map(|dest| {
         let mut row = match serde_json::to_value(dest) {
             Ok(Value::Object(map)) => map,
             _ => Map::new(),
@@ -67,7 +109,7 @@ fn per_destination(stats: &PoolStats, config: &Config) -> Value {
         );
         Value::Object(row)
     });
-    Value::Array(rows.collect())
+    (Value::Array(rows.collect()), omitted)
 }
 
 /// The settings in force, chosen field by field: passwords and the stats token never appear,
@@ -92,6 +134,10 @@ fn effective_config(config: &Config, telemetry_enabled: bool) -> Value {
             "bind": config.server.bind,
             "udp_idle_timeout_secs": config.server.udp_idle_timeout_secs,
             "bind_timeout_secs": config.server.bind_timeout_secs,
+            "shutdown_delay_ms": config.server.shutdown_delay_ms,
+            "proxy_protocol": config.server.proxy_protocol,
+            "proxy_protocol_trusted": config.server.proxy_protocol_trusted.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "reuse_port": config.server.reuse_port,
         },
         "auth": {
             "socks_method": match config.auth.method() {

@@ -99,6 +99,67 @@ impl EventsQuery {
     }
 }
 
+/// Destinations `/api/pool/stats` lists by default: the busiest, so the answer stays small
+/// whatever number of destinations clients have named.
+pub const DEFAULT_DESTINATIONS_LISTED: usize = 50;
+/// The most destinations one page lists.
+pub const MAX_DESTINATIONS_PAGE: usize = 1000;
+
+/// Which destinations `/api/pool/stats` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DestinationsQuery {
+    /// All destinations by name (paginated) rather than the busiest.
+    pub all: bool,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+impl DestinationsQuery {
+    /// `destinations=busiest|all`, `offset`, `limit` (1 to 1000).
+    pub fn parse(raw: Option<&str>) -> Result<Self, QueryError> {
+        let mut query =
+            DestinationsQuery { all: false, offset: 0, limit: DEFAULT_DESTINATIONS_LISTED };
+        let mut seen: Vec<String> = Vec::new();
+        for (name, value) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+            let fail = |problem: String| QueryError { parameter: shorten(&name), problem };
+            if seen.iter().any(|s| *s == name) {
+                return Err(fail("is given more than once".into()));
+            }
+            seen.push(name.to_string());
+            match name.as_ref() {
+                "destinations" => match value.as_ref() {
+                    "busiest" => query.all = false,
+                    "all" => query.all = true,
+                    other => {
+                        return Err(fail(format!(
+                            "must be busiest or all; got {:?}",
+                            shorten(other)
+                        )))
+                    }
+                },
+                "offset" => {
+                    let offset = parse_in_range(&value, 0, u64::from(u32::MAX))
+                        .ok_or_else(|| fail(range_problem(&value, 0, u64::from(u32::MAX))))?;
+                    query.offset = usize::try_from(offset).unwrap_or(usize::MAX);
+                }
+                "limit" => {
+                    let max = MAX_DESTINATIONS_PAGE as u64;
+                    let limit = parse_in_range(&value, 1, max)
+                        .ok_or_else(|| fail(range_problem(&value, 1, max)))?;
+                    query.limit = usize::try_from(limit).unwrap_or(MAX_DESTINATIONS_PAGE);
+                }
+                _ => {
+                    return Err(QueryError {
+                        parameter: shorten(&name),
+                        problem: "is not known (use destinations, offset, limit)".into(),
+                    })
+                }
+            }
+        }
+        Ok(query)
+    }
+}
+
 fn parse_in_range(value: &str, min: u64, max: u64) -> Option<u64> {
     value.parse::<u64>().ok().filter(|n| (min..=max).contains(n))
 }

@@ -79,7 +79,7 @@ pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Respo
     let query = request.uri().query();
     match route {
         Route::Dashboard => dashboard::page(),
-        Route::PoolStats => pool_stats::handle(shared).await,
+        Route::PoolStats => pool_stats::handle(shared, query).await,
         Route::Events => events::handle(shared, query),
         Route::Metrics => metrics::handle(shared).await,
         Route::Health => health::handle(shared).await,

@@ -74,6 +74,16 @@ impl Daemon {
         daemon
     }
 
+    /// Awaits the stats endpoint's "listening" line (it follows the SOCKS one) and returns its
+    /// address; for configs with `stats_api_port = 0`.
+    pub fn await_stats_addr(&mut self) -> SocketAddr {
+        let line = self.await_log("stats endpoint listening");
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix("addr="))
+            .and_then(|addr| addr.parse().ok())
+            .unwrap_or_else(|| panic!("no addr in {line:?}"))
+    }
+
     /// The log lines that have arrived so far, without waiting.
     pub fn log_so_far(&mut self) -> Vec<String> {
         self.log.try_iter().collect()

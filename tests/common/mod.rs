@@ -5,10 +5,15 @@
 pub mod daemon;
 pub mod netns;
 pub mod udp;
+pub mod dns;
+pub mod fleet;
+pub mod real;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use poolsocks::config::Config;
+pub use poolsocks::resolve::StaticResolver;
 use poolsocks::server::{Server, ServerError};
 use poolsocks::socks::{
     Command, Greeting, MethodSelection, Reply, Request, TargetAddr, UserPassReply, UserPassRequest,
@@ -27,8 +32,15 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
+    /// An in-process proxy whose names resolve through a static table (only `localhost`):
+    /// a test never asks the machine's DNS server.
     pub async fn start(config: Config) -> Self {
-        let server = Server::build(config).await.expect("server builds");
+        Self::start_with_resolver(config, StaticResolver::new()).await
+    }
+
+    pub async fn start_with_resolver(config: Config, resolver: StaticResolver) -> Self {
+        let server =
+            Server::build_with_resolver(config, Arc::new(resolver)).await.expect("server builds");
         Self::start_server(server).await
     }
 
@@ -54,6 +66,11 @@ impl TestProxy {
         }
         (&mut self.task).await.expect("server task").expect("server ran cleanly");
     }
+}
+
+/// A server whose names resolve through a static table (only `localhost`).
+pub async fn build_server(config: Config) -> Result<Server, ServerError> {
+    Server::build_with_resolver(config, Arc::new(StaticResolver::new())).await
 }
 
 /// Defaults, with a short handshake timeout so tests about silent clients end quickly.
