@@ -178,7 +178,8 @@ async fn expected_addresses(
         ctx.telemetry.warning(
             CATEGORY_ACCESS,
             "BIND peer denied by access rules",
-            vec![("peer", json!(expected.to_string()))],
+            // The host named is what the rules judged, as a CONNECT's destination.
+            vec![("destination", json!(expected.to_string())), ("command", json!("bind"))],
         );
         Refusal::Reply(ReplyCode::NotAllowed, BindOutcome::Denied)
     };

@@ -3,11 +3,11 @@
 #![allow(dead_code)] // each test binary uses a different subset
 
 pub mod daemon;
-pub mod netns;
-pub mod udp;
 pub mod dns;
 pub mod fleet;
+pub mod netns;
 pub mod real;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
