@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::accept::is_per_connection;
 use super::handler::{HandlerContext, CATEGORY_ACCESS};
 use super::metrics::BindOutcome;
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
@@ -34,8 +35,8 @@ pub struct BindSettings {
 }
 
 /// Bytes a client may send before its peer connects, delivered to the peer first; beyond
-/// this the proxy stops reading from the client until then.
-const MAX_EARLY_BYTES: usize = 64 * 1024;
+/// this the proxy stops reading from the client until then (one relay buffer's worth).
+const MAX_EARLY_BYTES: usize = 16 * 1024;
 
 /// Serves a BIND for `expected` (the host named in the request). `pending` holds bytes the
 /// client sent right behind its request.
@@ -234,6 +235,7 @@ async fn wait_for_peer(
     let deadline = tokio::time::sleep(settings.timeout);
     tokio::pin!(deadline);
     let mut chunk = [0u8; 4096];
+    let mut refused = 0u64;
     loop {
         let room = MAX_EARLY_BYTES.saturating_sub(pending.len()).min(chunk.len());
         tokio::select! {
@@ -244,7 +246,13 @@ async fn wait_for_peer(
                         return Ok((stream, from));
                     }
                     ctx.metrics.bind.refused_peer();
-                    info!(%from, "BIND refused a connection from another host than the one named; still waiting");
+                    refused += 1;
+                    // Said once per BIND: a stranger's flood of connections is only counted.
+                    if refused == 1 {
+                        info!(%from, "BIND refused a connection from another host than the one named; still waiting");
+                    } else {
+                        debug!(%from, refused, "BIND refused another connection");
+                    }
                     // A reset, so the stranger learns at once that nobody is there for it.
                     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
                     drop(stream);
@@ -271,13 +279,4 @@ async fn wait_for_peer(
             () = cancel.cancelled() => return Err(BindOutcome::Cut),
         }
     }
-}
-
-fn is_per_connection(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
 }

@@ -59,8 +59,9 @@ pub struct UdpSettings {
 
 /// Datagrams handled per socket readiness before the other sockets get a turn.
 const BATCH: usize = 64;
-/// Destinations remembered per association for the reply filter (oldest forgotten first).
-const MAX_PEERS: usize = 1024;
+/// Destinations remembered per association for the reply filter (oldest forgotten first): about
+/// 25 KiB at most, whatever a client sprays.
+const MAX_PEERS: usize = 256;
 /// A denied datagram is logged at once, then at most once per this period per association,
 /// with the count of those not logged.
 const DENIED_LOG_PERIOD: Duration = Duration::from_secs(10);
@@ -649,4 +650,42 @@ fn send_failure(error: &io::Error) -> DropReason {
         return DropReason::TooLarge;
     }
     DropReason::SendError
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reply_filter_remembers_the_latest_destinations_only() {
+        let mut peers = Peers::default();
+        let endpoint =
+            |i: u16| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, (i % 4) as u8)), 1000 + i);
+        for i in 0..(MAX_PEERS as u16 + 10) {
+            peers.insert(endpoint(i));
+            peers.insert(endpoint(i)); // a repeat changes nothing
+        }
+        assert_eq!((peers.endpoints.len(), peers.order.len()), (MAX_PEERS, MAX_PEERS));
+        let newest = endpoint(MAX_PEERS as u16 + 9);
+        assert!(peers.admits(newest, UdpReplyFilter::AddressAndPort));
+        assert!(!peers.admits(endpoint(0), UdpReplyFilter::AddressAndPort), "oldest forgotten");
+        let other_port = SocketAddr::new(newest.ip(), 9);
+        assert!(!peers.admits(other_port, UdpReplyFilter::AddressAndPort));
+        assert!(peers.admits(other_port, UdpReplyFilter::Address));
+        let stranger: SocketAddr = "198.51.100.1:53".parse().unwrap();
+        assert!(!peers.admits(stranger, UdpReplyFilter::Address));
+        assert!(peers.admits(stranger, UdpReplyFilter::Any));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn denials_are_reported_once_per_period_with_the_count_held_back() {
+        let mut limiter = LogLimiter::default();
+        let start = Instant::now();
+        assert_eq!(limiter.allow(start, DENIED_LOG_PERIOD), Some(0));
+        for _ in 0..99 {
+            assert_eq!(limiter.allow(start, DENIED_LOG_PERIOD), None);
+        }
+        assert_eq!(limiter.allow(start + DENIED_LOG_PERIOD, DENIED_LOG_PERIOD), Some(99));
+        assert_eq!(limiter.allow(start + DENIED_LOG_PERIOD, DENIED_LOG_PERIOD), None);
+    }
 }
