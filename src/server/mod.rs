@@ -3,6 +3,7 @@
 
 mod accept;
 pub mod auth;
+mod bind;
 mod copy;
 pub mod fd_limit;
 mod handler;
@@ -11,6 +12,7 @@ pub mod memory;
 pub mod metrics;
 pub mod proxy_header;
 pub mod relay;
+mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -158,6 +160,13 @@ impl Server {
             session_idle_timeout: server.session_idle_timeout(),
             metrics: self.metrics.clone(),
             telemetry: self.telemetry.clone(),
+            resolver: self.resolver.clone(),
+            udp: server.udp_associate.then(|| udp::UdpSettings {
+                bind_address: server.udp_bind_address,
+                idle_timeout: server.udp_idle_timeout(),
+                reply_filter: server.udp_reply_filter,
+            }),
+            bind: server.bind.then(|| bind::BindSettings { timeout: server.bind_timeout() }),
             proxy_protocol: server.proxy_protocol.then(|| server.proxy_protocol_trusted.clone()),
         });
         let limit = Arc::new(Semaphore::new(server.max_connections));
