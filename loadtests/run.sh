@@ -9,10 +9,11 @@
 #   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
 #
 # Scenarios: distant-10ms, distant-50ms, requests-per-session, step-demand, fast-local, bulk,
-# idle-sessions, many-destinations, many-destinations-10k, syscalls (strace -c), fleet
-# (loadtests/fleet.sh: several instances behind HAProxy, Prometheus). The distant ones and
-# step-demand need root and /dev/net/tun (a TUN delay line into a network namespace); they are
-# skipped with a message where that is not possible, as syscalls is without a working strace. Traffic goes only to
+# idle-sessions, many-destinations, many-destinations-10k, syscalls (strace -c), udp (datagram
+# round trips through UDP ASSOCIATE: direct, poolsocks, Dante), fleet (loadtests/fleet.sh:
+# several instances behind HAProxy, Prometheus). The distant ones and step-demand need root and
+# /dev/net/tun (a TUN delay line into a network namespace); they are skipped with a message
+# where that is not possible, as syscalls is without a working strace. Traffic goes only to
 # loopback and to 198.18.0.0/15 inside the namespace. Every process started here is stopped on
 # exit, and each has its own time limit as well.
 set -euo pipefail
@@ -44,11 +45,11 @@ done
 
 if [ "$SMOKE" = 1 ]; then
   ROUNDS=${ROUNDS:-1}; DURATION=1; WARMUP=0.3; BULK_MIB=64; HOLD_SESSIONS=200; HOLD_SECS=1; LINGER=1
-  STEP_PHASES=2:0.5,32:1,2:1; STRACE_SESSIONS=300
+  STEP_PHASES=2:0.5,32:1,2:1; STRACE_SESSIONS=300; UDP_HOLD=50
   STRICT=(--fail-on-errors)
 else
   ROUNDS=${ROUNDS:-2}; DURATION=5; WARMUP=1; BULK_MIB=4096; HOLD_SESSIONS=10000; HOLD_SECS=5; LINGER=15
-  STEP_PHASES=2:5,32:10,2:35; STRACE_SESSIONS=5000
+  STEP_PHASES=2:5,32:10,2:35; STRACE_SESSIONS=5000; UDP_HOLD=1000
   STRICT=()
 fi
 WORK=$(mktemp -d /tmp/poolsocks-loadtests.XXXXXX)
@@ -58,6 +59,7 @@ mkdir -p "$OUT" "$RAW"
 
 # Fixed ports below 16384: the ephemeral range is moved to 16384-65000 during the run.
 FAST_UPSTREAM=127.0.0.1:14080
+UDP_ECHO=127.0.0.1:14090
 MANY_UPSTREAM=127.0.0.1:12000-12999
 # 10,000 destinations: 2,500 loopback addresses (127.1.0.1-127.1.9.196) x 4 ports.
 MANY10K_UPSTREAM=127.1.0.1-127.1.9.196:12000-12003
@@ -67,7 +69,7 @@ FAR_IF=ltfar0
 NEAR_ADDR=198.18.0.1
 FAR_ADDR=198.18.1.1
 FAR_UPSTREAM=$FAR_ADDR:80
-declare -A PROXY_PORT=([pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106 [minirelay]=14107 [fixedpool]=14108)
+declare -A PROXY_PORT=([poolsocks]=14101 [pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106 [minirelay]=14107 [fixedpool]=14108)
 declare -A STATS_PORT=([pool-off]=14111 [pool-default]=14112 [pool-tuned]=14113 [fixedpool]=14118)
 declare -A STATS_PATH=([pool-off]=/api/pool/stats [pool-default]=/api/pool/stats [pool-tuned]=/api/pool/stats [fixedpool]=/)
 # fixedpool: the "least a pool can be" of issue 18: 64 spares per destination (pool-tuned's
@@ -144,7 +146,7 @@ if install_peer danted dante-server; then HAVE+=(dante); else skip "Dante: dante
 if install_peer microsocks microsocks; then HAVE+=(microsocks); else skip "microsocks: missing and could not be installed"; fi
 say "configurations: ${HAVE[*]}"
 
-for port in 14080 14101 14102 14103 14105 14106 14107 14108 14111 14112 14113 14118; do
+for port in 14080 14090 14101 14102 14103 14105 14106 14107 14108 14111 14112 14113 14118; do
   port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14118 free"; exit 1; }
 done
 
@@ -184,6 +186,8 @@ start_proxy() {
   case "$cfg" in
     direct) return 0 ;;
     pool-*) "$POOLSOCKS" --config "$LT/configs/$cfg.toml" >"$WORK/$cfg.log" 2>&1 & ;;
+    # UDP ASSOCIATE does not use the pool: one poolsocks configuration (pool-off's file).
+    poolsocks) "$POOLSOCKS" --config "$LT/configs/pool-off.toml" >"$WORK/$cfg.log" 2>&1 & ;;
     dante) dante_conf "$external"; danted -f "$WORK/danted-$external.conf" -p "$WORK/danted.pid" >>"$WORK/dante.log" 2>&1 & ;;
     microsocks) microsocks -i 127.0.0.1 -p "${PROXY_PORT[microsocks]}" >"$WORK/microsocks.log" 2>&1 & ;;
     minirelay) "$MINIRELAY" --listen "127.0.0.1:${PROXY_PORT[minirelay]}" --duration 3600 >"$WORK/minirelay.log" 2>&1 & ;;
@@ -446,6 +450,48 @@ if wanted many-destinations-10k; then
     --warmup "$WARMUP" -n 1 --upstream-stats 127.1.0.1:12000
   report many-destinations-10k "10,000 loopback destinations (addresses 127.1.0.1-127.1.9.196, ports 12000-12003) in a random mix, 16 clients, 1 request per session: most destinations are seen once or twice in a run. Columns as in many-destinations; fixedpool keeps at most 1,000 spares in all. \"idle after load\" is total_idle ${LINGER} s after the load stopped. The upstream column counts the one server process behind all 10,000 listeners."
   stop_pid "$UPSTREAM_PID"
+fi
+
+# ---------------------------------------------------------------- UDP
+# Datagram round trips through a UDP association (each client its own, closed loop), direct
+# and through poolsocks and Dante (microsocks has no UDP ASSOCIATE); then idle associations.
+measure_udp() { # mode [loadgen args...]
+  local mode=$1; shift
+  local round cfg dir="$RAW/udp" args strict
+  mkdir -p "$dir"
+  for round in $(seq 1 "$ROUNDS"); do
+    for cfg in "${UDP_HAVE[@]}"; do
+      if [ "$mode" = udp-hold ] && [ "$cfg" = direct ]; then continue; fi
+      start_proxy "$cfg" 127.0.0.1 || { FAILED+=("udp/$cfg: proxy did not start"); continue; }
+      args=($(route_args "$cfg"))
+      if [ "$mode" = udp-hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi
+      strict=()
+      case "$cfg" in direct|poolsocks) strict=("${STRICT[@]}") ;; esac
+      say "udp $mode $* round $round/$ROUNDS: $cfg"
+      if ! timeout 600 "$LOADGEN" "$mode" "${args[@]}" "$@" "${strict[@]}" --label "$cfg" \
+          --scenario udp --round "$round" --json "$dir/$cfg-$mode-r$round-$RANDOM.json"; then
+        FAILED+=("udp/$cfg $mode $* round $round")
+        say "FAIL: udp/$cfg $mode round $round"
+      fi
+      if [ -n "$PROXY_PID" ]; then stop_pid "$PROXY_PID"; fi
+    done
+  done
+}
+
+if wanted udp; then
+  UDP_HAVE=(direct)
+  [ -x "$POOLSOCKS" ] && UDP_HAVE+=(poolsocks)
+  [[ " ${HAVE[*]} " == *" dante "* ]] && UDP_HAVE+=(dante)
+  "$LOADGEN" udp-echo --listen "$UDP_ECHO" --duration 3600 >"$WORK/udp-echo.log" 2>&1 &
+  UDP_ECHO_PID=$!
+  PIDS+=("$UDP_ECHO_PID")
+  for i in $(seq 1 50); do grep -q listening "$WORK/udp-echo.log" 2>/dev/null && break; sleep 0.1; done
+  for payload in 64 1400; do
+    measure_udp udp --target "$UDP_ECHO" -c 16 -d "$DURATION" --warmup "$WARMUP" --payload "$payload"
+  done
+  measure_udp udp-hold --target "$UDP_ECHO" --sessions "$UDP_HOLD" --hold "$HOLD_SECS"
+  report udp "UDP echo on loopback, 16 closed-loop clients each with its own UDP association (direct: its own socket), one datagram in flight per client, ${DURATION} s after ${WARMUP} s warm-up, 64- and 1,400-byte payloads; a datagram not echoed within 1 s counts as lost. Latency is one datagram's round trip. Then ${UDP_HOLD} associations opened (each proves itself with one round trip) and held idle ${HOLD_SECS} s: memory per association = (proxy memory while holding - before) / associations held, as PSS, children included."
+  stop_pid "$UDP_ECHO_PID"
 fi
 
 if wanted fleet; then

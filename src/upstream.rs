@@ -75,9 +75,10 @@ impl DialLimits {
 /// Resolves `target` (if it is a name) and tries each address `access` allows in turn, each
 /// under `limits.per_address` and all within `limits.overall`. The last failure is reported.
 ///
-/// Rules judge where a connection really went: before connecting, on each resolved address,
-/// and after, on the connection's peer (so nothing the kernel reroutes, such as `0.0.0.0`
-/// delivered to loopback, escapes them). The stream has `TCP_NODELAY` set.
+/// Rules judge where a connection really goes: on each resolved address, with the addresses the
+/// kernel would reroute (`0.0.0.0` and `::`, delivered to loopback) refused outright, so the
+/// address connected to is the peer. Pooled spares are checked again on their live peer at
+/// hand-out. The stream has `TCP_NODELAY` set.
 pub async fn dial(
     target: &TargetAddr,
     limits: DialLimits,
@@ -109,16 +110,14 @@ pub async fn dial(
         }
         let timeout = limits.per_address.min(deadline - now);
         match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => match stream.peer_addr() {
-                Ok(peer) if access.may_connect(target, peer.ip()) => {
-                    // Request/response traffic must not wait on Nagle + delayed ACK.
-                    let _ = stream.set_nodelay(true);
-                    return Ok(stream);
-                }
-                Ok(_) => return Err(ConnectError::NotAllowed(target.clone())),
-                // Reset between connect and now: as good as refused.
-                Err(source) => last_error = Some(ConnectError::Io { addr, source }),
-            },
+            // The peer of a connection made to `addr` is `addr`: the kernel reroutes only the
+            // unspecified addresses, which the rules refuse before any connect. So the rules
+            // judged this connection's real peer above, without a getpeername(2) per session.
+            Ok(Ok(stream)) => {
+                // Request/response traffic must not wait on Nagle + delayed ACK.
+                let _ = stream.set_nodelay(true);
+                return Ok(stream);
+            }
             Ok(Err(source)) => last_error = Some(ConnectError::Io { addr, source }),
             Err(_) if timeout < limits.per_address => return Err(phase_timeout()),
             Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),

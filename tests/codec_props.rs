@@ -1,11 +1,13 @@
 //! Property tests of the SOCKS5 and RFC 1929 codecs: any byte string decodes to a message or a
-//! typed error, never a panic, and every valid message round-trips through its wire form.
+//! typed error, never a panic, and every valid message round-trips through its wire form. The
+//! same holds for the UDP request header (RFC 1928 section 7), which is parsed from a slice.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use poolsocks::secret::Secret;
 use poolsocks::socks::{
-    Command, Greeting, Reply, ReplyCode, Request, TargetAddr, UserPassReply, UserPassRequest,
+    write_ip_header_before, Command, Greeting, Reply, ReplyCode, Request, TargetAddr, UdpDatagram,
+    UdpHeaderError, UserPassReply, UserPassRequest, UDP_IP_HEADER_MAX,
 };
 use proptest::prelude::*;
 
@@ -109,5 +111,60 @@ proptest! {
         Request { command, target }.write_to(&mut wire);
         let cut = cut.index(wire.len());
         prop_assert!(block_on(Request::read_from(&mut &wire[..cut])).is_err());
+    }
+
+    #[test]
+    fn any_datagram_parses_to_a_header_or_a_typed_error(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+        match UdpDatagram::parse(&bytes) {
+            Ok(datagram) => {
+                // Whatever parsed re-encodes to the same bytes, RSV written as zero.
+                let mut wire = Vec::new();
+                datagram.write_to(&mut wire);
+                let mut expected = bytes.clone();
+                expected[0] = 0;
+                expected[1] = 0;
+                prop_assert_eq!(wire, expected);
+            }
+            Err(UdpHeaderError::Truncated(len)) => prop_assert_eq!(len, bytes.len()),
+            Err(UdpHeaderError::AddressTypeNotSupported(atyp)) => {
+                prop_assert!(![1u8, 3, 4].contains(&atyp));
+                prop_assert_eq!(bytes[3], atyp);
+            }
+            Err(UdpHeaderError::EmptyDomain) => prop_assert_eq!(&bytes[3..5], &[3u8, 0][..]),
+            Err(UdpHeaderError::DomainNotUtf8) => prop_assert_eq!(bytes[3], 3),
+        }
+    }
+
+    #[test]
+    fn datagrams_round_trip(
+        frag in any::<u8>(),
+        target in target_addr(),
+        payload in proptest::collection::vec(any::<u8>(), 0..2000),
+    ) {
+        let datagram = UdpDatagram { frag, target, payload: &payload };
+        let mut wire = Vec::new();
+        datagram.write_to(&mut wire);
+        prop_assert_eq!(UdpDatagram::parse(&wire).expect("decodes"), datagram);
+        // Cut anywhere inside the header, it is an error (a cut in the payload is a shorter
+        // payload, which UDP cannot tell from a whole one).
+        let header = wire.len() - payload.len();
+        for cut in 0..header {
+            prop_assert!(UdpDatagram::parse(&wire[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn a_reply_header_written_in_place_parses_back(
+        source in prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(Ipv4Addr::from(ip).into(), port)),
+            (any::<[u8; 16]>(), any::<u16>()).prop_map(|(ip, port)| SocketAddr::new(Ipv6Addr::from(ip).into(), port)),
+        ],
+        payload in proptest::collection::vec(any::<u8>(), 0..100),
+    ) {
+        let mut buf = vec![0xeeu8; UDP_IP_HEADER_MAX];
+        buf.extend_from_slice(&payload);
+        let start = write_ip_header_before(&mut buf[..UDP_IP_HEADER_MAX], &source).expect("room");
+        let parsed = UdpDatagram::parse(&buf[start..]).expect("parses");
+        prop_assert_eq!(parsed, UdpDatagram { frag: 0, target: TargetAddr::Ip(source), payload: &payload });
     }
 }

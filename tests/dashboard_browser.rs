@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::udp::{datagram, Association, UdpEcho};
 use common::{connect, round_trip, test_config, EchoServer, TestProxy};
 use poolsocks::pool::DestStats;
 use poolsocks::socks::{ReplyCode, TargetAddr};
@@ -183,6 +184,14 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     settle(&mut evictor_dest, |s| s.idle == 1 && s.is_quiet()).await;
     settle(&mut steady_dest, |s| s.counters.evicted == 1).await;
 
+    // A UDP association with one datagram each way and one dropped fragment, held open.
+    let udp_echo = UdpEcho::start().await;
+    let association = Association::open(proxy.addr).await;
+    let mut fragment = datagram(TargetAddr::Ip(udp_echo.addr), b"part");
+    fragment[2] = 1;
+    association.send_raw(&fragment).await;
+    association.round_trip(TargetAddr::Ip(udp_echo.addr), b"udp", udp_echo.addr).await;
+
     // Traffic that keeps flowing while the browser looks.
     let running = Arc::new(AtomicBool::new(true));
     let sessions_done = Arc::new(AtomicU64::new(0));
@@ -249,6 +258,18 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     let high = after["server"]["sessions_total"].as_f64().expect("sessions after");
     assert!(low <= sessions && sessions <= high, "sessions {sessions} outside {low}..={high}");
     assert!(sessions >= 5.0, "{sessions}");
+    // The UDP ASSOCIATE & BIND card: the settled association's figures.
+    for (field, expected) in [
+        ("udp.associations_active", 1.0),
+        ("udp.datagrams_client_to_destination", 1.0),
+        ("udp.datagrams_destination_to_client", 1.0),
+        ("udp.dropped.fragment", 1.0),
+        ("udp.dropped.foreign_source", 0.0),
+        ("bind.waits_active", 0.0),
+    ] {
+        let shown = data_value_after(&dom, &format!("data-field=\"{field}\""));
+        assert_eq!(shown, Some(expected), "{field} on the dashboard");
+    }
     // The eviction warning, highlighted.
     assert!(
         dom.contains("class=\"event sev-warning\" data-category=\"pool.limit\""),
@@ -277,6 +298,7 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     assert!(png.len() > 10_000, "screenshot suspiciously small: {} bytes", png.len());
     eprintln!("dashboard screenshot: {}", shot.display());
 
+    association.close().await;
     running.store(false, Ordering::Relaxed);
     for task in traffic {
         task.await.expect("traffic task");

@@ -109,8 +109,12 @@ async fn connect_timeout_gets_ttl_expired_0x06() {
 }
 
 #[tokio::test]
-async fn bind_and_udp_associate_get_command_not_supported_0x07() {
-    let proxy = TestProxy::start(test_config()).await;
+async fn bind_and_udp_associate_turned_off_get_command_not_supported_0x07() {
+    // Both are served by default (tests/bind.rs, tests/udp_associate.rs); off, they get 0x07.
+    let mut config = test_config();
+    config.server.bind = false;
+    config.server.udp_associate = false;
+    let proxy = TestProxy::start(config).await;
     for command in [Command::Bind, Command::UdpAssociate] {
         let mut stream = TcpStream::connect(proxy.addr).await.expect("connect");
         greet(&mut stream, &[METHOD_NO_AUTH]).await;

@@ -1,6 +1,6 @@
 //! The poolsocks load harness: a closed-loop SOCKS5 load generator, bulk and idle-session modes,
-//! a counting keep-alive HTTP upstream, a TUN delay line, a report writer, and two baseline
-//! proxies (`minirelay`, `fixedpool`).
+//! a counting keep-alive HTTP upstream, UDP round trips through associations, a TUN delay line,
+//! a report writer, and two baseline proxies (`minirelay`, `fixedpool`).
 
 pub mod baseline;
 pub mod bulk;
@@ -16,4 +16,5 @@ pub mod strace;
 pub mod targets;
 pub mod timeline;
 pub mod tun;
+pub mod udp;
 pub mod upstream;

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 
 use loadgen::stats::RunRecord;
-use loadgen::{bulk, hold, report, run, upstream};
+use loadgen::{bulk, hold, report, run, udp, upstream};
 
 #[derive(Parser)]
 #[command(version, about = "Load generator, upstream server and report writer for poolsocks")]
@@ -25,6 +25,12 @@ enum Command {
     Hold(hold::HoldArgs),
     /// A counting keep-alive HTTP/1.1 server (small response, /bytes/N, /__stats).
     Upstream(upstream::UpstreamArgs),
+    /// Closed-loop UDP round trips (direct or through a UDP association); datagrams/s, RTT.
+    Udp(udp::UdpArgs),
+    /// Open N UDP associations and keep them idle; memory per association.
+    UdpHold(udp::UdpHoldArgs),
+    /// A UDP echo server.
+    UdpEcho(udp::UdpEchoArgs),
     /// Tables (markdown) and plots (SVG) from the JSON records of a scenario.
     Report(report::ReportArgs),
 }
@@ -79,6 +85,33 @@ fn main() {
                 );
                 finish(record, json, strict)
             }
+            Command::Udp(args) => {
+                let (json, strict) = (args.record.json.clone(), args.record.fail_on_errors);
+                let record = udp::udp(args).await?;
+                let latency = record.session_latency.as_ref().map(|l| l.text()).unwrap_or_default();
+                println!(
+                    "{} [{}]: {:.0} round trips/s of {} bytes, {latency}, errors {:?}",
+                    record.label, record.route, record.rps, record.payload_bytes, record.errors
+                );
+                finish(record, json, strict)
+            }
+            Command::UdpHold(args) => {
+                let (json, strict) = (args.record.json.clone(), args.record.fail_on_errors);
+                let record = udp::hold(args).await?;
+                println!(
+                    "{} [{}]: {} of {} associations held, {} still answering; proxy memory {} -> {} KiB ({:.1} KiB per association)",
+                    record.label,
+                    record.route,
+                    record.held,
+                    record.attempted,
+                    record.still_alive,
+                    record.rss_before_kib,
+                    record.rss_held_kib,
+                    record.kib_per_session
+                );
+                finish(record, json, strict)
+            }
+            Command::UdpEcho(args) => udp::echo(args).await,
             Command::Upstream(args) => upstream::serve(args).await,
             Command::Report(args) => report::report(args),
         }

@@ -38,9 +38,10 @@ pub struct ReportArgs {
 }
 
 /// Fixed order for the known configurations; others follow alphabetically.
-const ORDER: [&str; 8] = [
+const ORDER: [&str; 9] = [
     "direct",
     "minirelay",
+    "poolsocks",
     "pool-off",
     "pool-default",
     "pool-tuned",
@@ -104,9 +105,11 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
     }
     std::fs::create_dir_all(&args.out).map_err(|e| e.to_string())?;
     // Variants of one scenario (e.g. 1, 2 and 5 requests per session) get a table each.
-    let mut variants: BTreeMap<u32, Vec<&RunRecord>> = BTreeMap::new();
+    // UDP runs differ by payload size instead; held sessions (or associations) come last.
+    let mut variants: BTreeMap<(bool, u32, usize), Vec<&RunRecord>> = BTreeMap::new();
     for record in &records {
-        variants.entry(record.requests_per_session).or_default().push(record);
+        let key = (record.mode == "hold", record.requests_per_session, record.payload_bytes);
+        variants.entry(key).or_default().push(record);
     }
     let mut md = String::new();
     let _ = writeln!(md, "# {}\n", args.scenario);
@@ -120,14 +123,23 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
          figures from this one run.\n",
         records.iter().map(|r| r.round).max().unwrap_or(1)
     );
-    for (requests_per_session, group_records) in &variants {
+    for ((_, requests_per_session, payload_bytes), group_records) in &variants {
         let groups = group(group_records);
         let mode =
             groups.first().and_then(|g| g.runs.first()).map(|r| r.mode.clone()).unwrap_or_default();
-        let suffix =
-            if variants.len() > 1 { format!("-n{requests_per_session}") } else { String::new() };
-        if variants.len() > 1 {
-            let _ = writeln!(md, "## {requests_per_session} request(s) per session\n");
+        let (suffix, heading) = match (variants.len() > 1, mode.as_str()) {
+            (false, _) => (String::new(), None),
+            (true, "udp") => {
+                (format!("-{payload_bytes}b"), Some(format!("{payload_bytes}-byte payloads")))
+            }
+            (true, "hold") => ("-idle".to_string(), Some("Idle associations".to_string())),
+            (true, _) => (
+                format!("-n{requests_per_session}"),
+                Some(format!("{requests_per_session} request(s) per session")),
+            ),
+        };
+        if let Some(heading) = heading {
+            let _ = writeln!(md, "## {heading}\n");
         }
         let stem = format!("{}{suffix}", args.scenario);
         match mode.as_str() {
@@ -141,12 +153,13 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
                 let _ =
                     writeln!(md, "\n![idle spares and hit rate over time]({stem}-timeline.svg)");
             }
+            "udp" => udp_table(&mut md, &groups, &args),
             _ => run_table(&mut md, &groups, &args),
         }
         let bars = args.out.join(format!("{stem}-bars.svg"));
         bar_plot(&bars, &groups, &args.scenario, &mode)?;
         let _ = writeln!(md, "\n![bars]({stem}-bars.svg)\n");
-        if mode == "run" || mode == "step" {
+        if mode == "run" || mode == "step" || mode == "udp" {
             let cdf = args.out.join(format!("{stem}-cdf.svg"));
             cdf_plot(&cdf, &groups, &args.scenario)?;
             let _ = writeln!(md, "![latency CDF]({stem}-cdf.svg)\n");
@@ -409,6 +422,37 @@ fn idle_after(record: &RunRecord) -> String {
         .and_then(|s| s.get("total_idle"))
         .and_then(|v| v.as_f64())
         .map_or_else(|| "—".into(), |idle| format!("{idle:.0} (+{:.0} s)", record.linger_secs))
+}
+
+fn udp_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
+    let _ = writeln!(
+        md,
+        "| config | rounds | best round trips/s | spread | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | lost | errors |",
+        args.baseline
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for group in groups {
+        let Some(best) = group.best() else { continue };
+        let (min, max) = group.spread();
+        let lat = best.session_latency.clone().unwrap_or_default();
+        let lost: u64 = group.runs.iter().filter_map(|r| r.errors.get("lost")).sum();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {lost} | {} |",
+            group.label,
+            group.runs.len(),
+            best.rps,
+            min,
+            max,
+            ratio(groups, group, &args.baseline),
+            ms(lat.p50_us),
+            ms(lat.p90_us),
+            ms(lat.p99_us),
+            ms(lat.p999_us),
+            ms(lat.max_us),
+            errors_text(group),
+        );
+    }
 }
 
 fn bulk_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
@@ -756,6 +800,7 @@ fn bar_plot(path: &Path, groups: &[Group], title: &str, mode: &str) -> Result<()
         "bulk" => "MiB/s (best round)",
         "hold" => "KiB per held session (best round)",
         "syscalls" => "syscalls per session (best round)",
+        "udp" => "datagram round trips per second (best round)",
         _ => "requests per second (best round)",
     };
     let top = values.iter().map(|(_, v)| *v).fold(0.0, f64::max).max(1.0) * 1.15;
@@ -827,7 +872,7 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_error)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{title}: session latency CDF (best round)"), ("sans-serif", 18))
+        .caption(format!("{title}: latency CDF (best round)"), ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -845,7 +890,7 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
             }
         })
         .x_desc("latency (ms, log scale)")
-        .y_desc("fraction of sessions")
+        .y_desc("fraction of samples")
         .draw()
         .map_err(plot_error)?;
     for (i, (label, points)) in curves.iter().enumerate() {

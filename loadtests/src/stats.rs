@@ -80,7 +80,7 @@ pub struct UpstreamCounts {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default)]
 pub struct RunRecord {
-    /// "run", "bulk" or "hold".
+    /// "run", "bulk", "hold" or "udp".
     pub mode: String,
     /// The configuration measured (e.g. "dante", "pool-tuned"); given by the caller.
     pub label: String,
@@ -90,6 +90,8 @@ pub struct RunRecord {
     pub concurrency: usize,
     pub duration_secs: f64,
     pub requests_per_session: u32,
+    /// UDP payload bytes per datagram (mode "udp"); 0 otherwise.
+    pub payload_bytes: usize,
     pub destinations: usize,
     pub sessions: u64,
     pub requests: u64,

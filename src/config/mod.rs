@@ -126,6 +126,24 @@ impl Config {
         if server.connect_phase_timeout_ms == 0 {
             return Err(invalid("server.connect_phase_timeout_ms", "must be greater than 0"));
         }
+        if server.udp_idle_timeout_secs == 0 {
+            return Err(invalid("server.udp_idle_timeout_secs", "must be greater than 0"));
+        }
+        if server.bind_timeout_secs == 0 {
+            return Err(invalid("server.bind_timeout_secs", "must be greater than 0"));
+        }
+        if let Some(address) = server.udp_bind_address {
+            if address.is_unspecified() || address.is_multicast() {
+                return Err(invalid(
+                    "server.udp_bind_address",
+                    format!(
+                        "is {address}: the UDP ASSOCIATE reply tells clients to send there, so it \
+                         must be one unicast address of this host (unset, the address each client \
+                         reached the listener on)"
+                    ),
+                ));
+            }
+        }
         if server.proxy_protocol && server.proxy_protocol_trusted.is_empty() {
             return Err(invalid(
                 "server.proxy_protocol_trusted",

@@ -23,6 +23,15 @@ pub const DEFAULT_SESSION_IDLE_TIMEOUT_SECS: u64 = 3_600;
 /// tries, and a client never waits longer than this for its reply, whatever DNS returned.
 pub const DEFAULT_CONNECT_PHASE_TIMEOUT_MS: u64 = 10_000;
 
+/// RFC 1928's commands besides CONNECT are on by default, as in RustSocks and Dante.
+pub const DEFAULT_UDP_ASSOCIATE: bool = true;
+pub const DEFAULT_BIND: bool = true;
+/// RFC 4787 (REQ-5) asks a NAT to keep a UDP mapping at least 2 minutes and recommends 5; an
+/// association is such a mapping, so it lives 5 minutes without a datagram either way.
+pub const DEFAULT_UDP_IDLE_TIMEOUT_SECS: u64 = 300;
+/// How long a BIND waits for its one incoming connection. An FTP server opens its active-mode
+/// data connection within seconds of the command that asks for it; a minute covers slow ones.
+pub const DEFAULT_BIND_TIMEOUT_SECS: u64 = 60;
 /// PROXY protocol headers are off: the socket's peer is the client.
 pub const DEFAULT_PROXY_PROTOCOL: bool = false;
 /// Who may send a PROXY protocol header when it is on: loopback only (a balancer on this host).
@@ -66,6 +75,19 @@ pub struct ServerConfig {
     pub session_idle_timeout_secs: u64,
     /// Limit on the whole connect phase of a CONNECT: resolution and every address tried.
     pub connect_phase_timeout_ms: u64,
+    /// Serve UDP ASSOCIATE; off, it gets reply `0x07` (command not supported).
+    pub udp_associate: bool,
+    /// Serve BIND; off, it gets reply `0x07`.
+    pub bind: bool,
+    /// Where UDP relay sockets are bound and what the UDP ASSOCIATE reply names; unset, the
+    /// address the client reached the SOCKS listener on.
+    pub udp_bind_address: Option<IpAddr>,
+    /// An association with no datagram either way for this long is closed.
+    pub udp_idle_timeout_secs: u64,
+    /// Which datagrams arriving at an association's outbound socket reach the client.
+    pub udp_reply_filter: UdpReplyFilter,
+    /// How long a BIND waits for its incoming connection before reply `0x06`.
+    pub bind_timeout_secs: u64,
     /// Every client connection starts with a PROXY protocol header (v1 or v2) from a balancer;
     /// the address in it is the client from then on.
     pub proxy_protocol: bool,
@@ -75,6 +97,20 @@ pub struct ServerConfig {
     pub reuse_port: bool,
     pub dns: DnsConfig,
     pub pool: PoolConfig,
+}
+
+/// Which senders may answer a UDP association (RFC 4787's filtering behaviours).
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UdpReplyFilter {
+    /// Only the address and port this association sent to (what a NAT usually does).
+    #[default]
+    AddressAndPort,
+    /// Any port of an address this association sent to.
+    Address,
+    /// Anyone (endpoint-independent filtering, for peer-to-peer clients); access rules still
+    /// apply to the sender.
+    Any,
 }
 
 impl Default for ServerConfig {
@@ -89,6 +125,12 @@ impl Default for ServerConfig {
             allow_open_proxy: false,
             session_idle_timeout_secs: DEFAULT_SESSION_IDLE_TIMEOUT_SECS,
             connect_phase_timeout_ms: DEFAULT_CONNECT_PHASE_TIMEOUT_MS,
+            udp_associate: DEFAULT_UDP_ASSOCIATE,
+            bind: DEFAULT_BIND,
+            udp_bind_address: None,
+            udp_idle_timeout_secs: DEFAULT_UDP_IDLE_TIMEOUT_SECS,
+            udp_reply_filter: UdpReplyFilter::default(),
+            bind_timeout_secs: DEFAULT_BIND_TIMEOUT_SECS,
             proxy_protocol: DEFAULT_PROXY_PROTOCOL,
             proxy_protocol_trusted: default_proxy_protocol_trusted(),
             reuse_port: DEFAULT_REUSE_PORT,
@@ -126,6 +168,14 @@ impl ServerConfig {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn udp_idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.udp_idle_timeout_secs)
+    }
+
+    pub fn bind_timeout(&self) -> Duration {
+        Duration::from_secs(self.bind_timeout_secs)
     }
 }
 

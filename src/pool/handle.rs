@@ -241,9 +241,12 @@ impl Pool {
     ) -> Result<Upstream, ConnectError> {
         let started = tokio::time::Instant::now();
         let dialed = self.dial(target).await;
-        let excluded = dialed.as_ref().is_ok_and(|stream| {
-            stream.peer_addr().is_ok_and(|peer| self.options.load().excluded_address(peer.ip()))
-        });
+        // Only a name's address is unknown before its dial (a literal was judged already).
+        let options = self.options.load();
+        let excluded = !options.exclude_networks.is_empty()
+            && dialed.as_ref().is_ok_and(|stream| {
+                stream.peer_addr().is_ok_and(|peer| options.excluded_address(peer.ip()))
+            });
         lease.report_dial(dialed.is_ok(), started.elapsed(), excluded);
         // On error the lease is dropped here, which ends it.
         Ok(Upstream::leased(dialed?, Origin::Dialed, Box::new(lease)))

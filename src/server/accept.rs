@@ -44,7 +44,7 @@ impl Burst {
 }
 
 /// Errors about one connection that was already gone; the next accept may succeed at once.
-fn is_per_connection(error: &io::Error) -> bool {
+pub(super) fn is_per_connection(error: &io::Error) -> bool {
     matches!(
         error.kind(),
         io::ErrorKind::ConnectionAborted

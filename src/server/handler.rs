@@ -1,4 +1,5 @@
-//! One client session: access check, handshake, upstream acquisition, relay.
+//! One client session: access check, handshake, then the command: CONNECT (upstream
+//! acquisition and relay) here, BIND and UDP ASSOCIATE in their own modules.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,11 +13,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::auth::{Authenticator, LoginOutcome};
+use super::bind::{self, BindSettings};
 use super::metrics::ServerMetrics;
 use super::proxy_header::{self, ProxiedSource};
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
+use super::udp::{self, UdpSettings};
 use crate::access::SharedPolicy;
 use crate::logsafe::Escaped;
+use crate::resolve::Resolver;
 use crate::socks::{
     Command, Greeting, MethodSelection, Reply, ReplyCode, Request, SocksError, TargetAddr,
     UserPassReply, UserPassRequest, METHOD_USERPASS,
@@ -40,6 +44,12 @@ pub struct HandlerContext {
     pub session_idle_timeout: Duration,
     pub metrics: Arc<ServerMetrics>,
     pub telemetry: Telemetry,
+    /// Names in UDP datagrams and BIND requests (CONNECT resolves through its connector).
+    pub resolver: Arc<dyn Resolver>,
+    /// `None` when `[server] udp_associate = false`.
+    pub udp: Option<UdpSettings>,
+    /// `None` when `[server] bind = false`.
+    pub bind: Option<BindSettings>,
     /// `Some(trusted sources)` when `[server] proxy_protocol = true`: every connection starts
     /// with a PROXY protocol header naming the real client.
     pub proxy_protocol: Option<Vec<IpNet>>,
@@ -129,7 +139,7 @@ pub async fn serve(
     }
     let _ = client.set_nodelay(true);
     let handshake = tokio::time::timeout_at(deadline, handshake(&ctx, &mut client, peer));
-    let (target, pending) = tokio::select! {
+    let (request, pending) = tokio::select! {
         result = handshake => match result {
             Ok(Ok(negotiated)) => negotiated,
             Ok(Err(e)) => {
@@ -150,8 +160,20 @@ pub async fn serve(
         _ = cancel.cancelled() => return,
     };
 
+    let target = request.target;
+    match (request.command, &ctx.udp, &ctx.bind) {
+        (Command::Connect, _, _) => {}
+        (Command::UdpAssociate, Some(settings), _) => {
+            return udp::associate(&ctx, &mut client, peer, &target, settings, &cancel).await;
+        }
+        (Command::Bind, _, Some(settings)) => {
+            return bind::bind(&ctx, &mut client, &target, pending, settings, &cancel).await;
+        }
+        // `handshake` answered a command that is turned off with 0x07.
+        _ => return,
+    }
     let Some(mut upstream) = connect(&ctx, &mut client, &target, &cancel).await else { return };
-    ctx.metrics.session_started();
+    ctx.metrics.session_started(Command::Connect);
     let settings = RelaySettings {
         pending: &pending,
         may_return_untouched: upstream.is_leased(),
@@ -236,13 +258,13 @@ async fn connect(
     Some(upstream)
 }
 
-/// Greeting, authentication and request. Returns the CONNECT target and any bytes the client
-/// already sent behind the request, which must reach the upstream first.
+/// Greeting, authentication and request. Returns the request (of a command that is served) and
+/// any bytes the client already sent behind it, which must reach the upstream first.
 async fn handshake(
     ctx: &HandlerContext,
     client: &mut TcpStream,
     peer: SocketAddr,
-) -> Result<(TargetAddr, Vec<u8>), SocksError> {
+) -> Result<(Request, Vec<u8>), SocksError> {
     let mut reader = BufReader::with_capacity(HANDSHAKE_BUFFER, client);
     let greeting = match Greeting::read_from(&mut reader).await {
         Err(SocksError::NoMethods) => {
@@ -293,12 +315,18 @@ async fn handshake(
             return Err(e);
         }
     };
-    if request.command != Command::Connect {
+    let served = match request.command {
+        Command::Connect => true,
+        Command::Bind => ctx.bind.is_some(),
+        Command::UdpAssociate => ctx.udp.is_some(),
+    };
+    if !served {
         reader
             .get_mut()
             .write_all(&Reply::failure(ReplyCode::CommandNotSupported).to_bytes())
             .await?;
         return Err(SocksError::CommandNotSupported(request.command.as_byte()));
     }
-    Ok((request.target, reader.buffer().to_vec()))
+    let pending = reader.buffer().to_vec();
+    Ok((request, pending))
 }

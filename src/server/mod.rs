@@ -3,6 +3,7 @@
 
 mod accept;
 pub mod auth;
+mod bind;
 mod copy;
 pub mod fd_limit;
 mod handler;
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod proxy_header;
 pub mod relay;
 pub mod reload;
+mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -180,13 +182,17 @@ impl Server {
         self.readiness.set_listening(true);
         let server = &self.config.server;
         let auth = Authenticator::with_counters(&self.config.auth, self.metrics.auth_counters());
+        let shared = reload::Shared {
+            metrics: &self.metrics,
+            telemetry: &self.telemetry,
+            resolver: &self.resolver,
+        };
         let ctx = Arc::new(ArcSwap::from_pointee(reload::context(
             &self.config,
             auth,
             self.access.clone(),
             self.connector.clone(),
-            &self.metrics,
-            &self.telemetry,
+            shared,
         )));
         let limit = limit::ConnectionLimit::new(server.max_connections);
         let runtime = reload::Runtime {
@@ -198,6 +204,7 @@ impl Server {
             dialer: self.dialer.clone(),
             telemetry: self.telemetry.clone(),
             metrics: self.metrics.clone(),
+            resolver: self.resolver.clone(),
             injected: self.injected.then(|| self.connector.clone()),
             log_level: self.log_level.take(),
         };

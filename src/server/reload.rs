@@ -31,6 +31,7 @@ use crate::access::{AccessPolicy, SharedPolicy};
 use crate::config::{changed_keys, is_reloadable, Config, LiveConfig};
 use crate::logsafe::Escaped;
 use crate::pool::{Pool, PoolOptions};
+use crate::resolve::Resolver;
 use crate::stats::LivePool;
 use crate::telemetry::Telemetry;
 use crate::upstream::{Connector, Dialer, DirectConnector};
@@ -111,9 +112,17 @@ pub(super) struct Runtime {
     pub(super) dialer: Arc<dyn Dialer>,
     pub(super) telemetry: Telemetry,
     pub(super) metrics: Arc<ServerMetrics>,
+    pub(super) resolver: Arc<dyn Resolver>,
     /// A connector a harness injected: kept whatever a reload says about the pool.
     pub(super) injected: Option<Arc<dyn Connector>>,
     pub(super) log_level: Option<LogLevelHook>,
+}
+
+/// What every session's context shares, whatever the config says.
+pub(super) struct Shared<'a> {
+    pub(super) metrics: &'a Arc<ServerMetrics>,
+    pub(super) telemetry: &'a Telemetry,
+    pub(super) resolver: &'a Arc<dyn Resolver>,
 }
 
 /// The handler context a config describes.
@@ -122,9 +131,10 @@ pub(super) fn context(
     auth: Authenticator,
     access: SharedPolicy,
     connector: Arc<dyn Connector>,
-    metrics: &Arc<ServerMetrics>,
-    telemetry: &Telemetry,
+    shared: Shared<'_>,
 ) -> HandlerContext {
+    let server = &config.server;
+    let Shared { metrics, telemetry, resolver } = shared;
     HandlerContext {
         auth,
         access,
@@ -133,11 +143,16 @@ pub(super) fn context(
         session_idle_timeout: config.server.session_idle_timeout(),
         metrics: metrics.clone(),
         telemetry: telemetry.clone(),
-        // Needs a restart to change (`server.proxy_protocol*` are not reloadable keys).
-        proxy_protocol: config
-            .server
-            .proxy_protocol
-            .then(|| config.server.proxy_protocol_trusted.clone()),
+        resolver: resolver.clone(),
+        // These need a restart to change (they are not `RELOADABLE_KEYS`), so a reload builds
+        // them as they were.
+        udp: server.udp_associate.then(|| super::udp::UdpSettings {
+            bind_address: server.udp_bind_address,
+            idle_timeout: server.udp_idle_timeout(),
+            reply_filter: server.udp_reply_filter,
+        }),
+        bind: server.bind.then(|| super::bind::BindSettings { timeout: server.bind_timeout() }),
+        proxy_protocol: server.proxy_protocol.then(|| server.proxy_protocol_trusted.clone()),
     }
 }
 
@@ -212,14 +227,9 @@ impl Runtime {
             }
         };
         let auth = self.contexts.load().auth.reloaded(&old.auth, &new.auth);
-        self.contexts.store(Arc::new(context(
-            &new,
-            auth,
-            self.access.clone(),
-            connector,
-            &self.metrics,
-            &self.telemetry,
-        )));
+        let shared =
+            Shared { metrics: &self.metrics, telemetry: &self.telemetry, resolver: &self.resolver };
+        self.contexts.store(Arc::new(context(&new, auth, self.access.clone(), connector, shared)));
         self.pool.set(new_pool.clone());
         self.limit.resize(new.server.max_connections);
         if old.logging.level != new.logging.level {

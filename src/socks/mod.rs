@@ -2,15 +2,21 @@
 //!
 //! Each message reads itself from an async reader (`read_from`) and encodes itself into a
 //! buffer (`write_to`), so the server, test clients and the load generator share one codec.
+//! UDP datagrams arrive whole, so their header codec ([`UdpDatagram`]) parses byte slices.
 
 mod addr;
 mod error;
 mod messages;
+mod udp;
 
 pub use addr::TargetAddr;
 pub use error::SocksError;
 pub use messages::{
     Command, Greeting, MethodSelection, Reply, ReplyCode, Request, UserPassReply, UserPassRequest,
+};
+pub use udp::{
+    ip_header_len, write_ip_header_before, UdpDatagram, UdpHeaderError, UDP_HEADER_MAX,
+    UDP_IP_HEADER_MAX, UDP_PAYLOAD_MAX,
 };
 
 pub const SOCKS_VERSION: u8 = 0x05;

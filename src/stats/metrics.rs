@@ -20,6 +20,7 @@ use super::pool_view::PoolView;
 use super::response::{self, Body};
 use super::router::Shared;
 use crate::pool::{DestStats, PoolStats};
+use crate::server::metrics::{BindOutcome, DropReason, ServerMetricsSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DestinationLabel {
@@ -39,6 +40,11 @@ struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabel {
     direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CommandLabel {
+    command: &'static str,
 }
 
 pub(super) async fn handle(shared: &Shared) -> Response<Body> {
@@ -71,6 +77,19 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "sessions",
         "SOCKS sessions accepted since start",
         server.sessions_total,
+    );
+    let by_command = Family::<CommandLabel, Counter>::default();
+    for (command, count) in [
+        ("connect", server.sessions_by_command.connect),
+        ("bind", server.sessions_by_command.bind),
+        ("udp_associate", server.sessions_by_command.udp_associate),
+    ] {
+        by_command.get_or_create(&CommandLabel { command }).inc_by(count);
+    }
+    registry.register(
+        "command_sessions",
+        "SOCKS sessions started since start, by command",
+        by_command,
     );
     let relayed = Family::<DirectionLabel, Counter>::default();
     for (direction, bytes) in [
@@ -119,6 +138,7 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "argon2 password checks run (real and decoy), at most 2 at once",
         server.auth.argon2_checks,
     );
+    udp_and_bind(&mut registry, &server);
     let status = ctx.config.status();
     gauge(
         &mut registry,
@@ -185,6 +205,66 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
     let mut text = String::new();
     prometheus_text::encode(&mut text, &registry)?;
     Ok(text)
+}
+
+fn udp_and_bind(registry: &mut Registry, server: &ServerMetricsSnapshot) {
+    let udp = &server.udp;
+    let registry_udp = registry.sub_registry_with_prefix("udp");
+    gauge(
+        registry_udp,
+        "associations_active",
+        "UDP associations open now",
+        udp.associations_active,
+    );
+    counter(
+        registry_udp,
+        "associations",
+        "UDP associations opened since start",
+        udp.associations_total,
+    );
+    let datagrams = Family::<DirectionLabel, Counter>::default();
+    let bytes = Family::<DirectionLabel, Counter>::default();
+    for (direction, count, size) in [
+        (
+            "client_to_destination",
+            udp.datagrams_client_to_destination,
+            udp.bytes_client_to_destination,
+        ),
+        (
+            "destination_to_client",
+            udp.datagrams_destination_to_client,
+            udp.bytes_destination_to_client,
+        ),
+    ] {
+        datagrams.get_or_create(&DirectionLabel { direction }).inc_by(count);
+        bytes.get_or_create(&DirectionLabel { direction }).inc_by(size);
+    }
+    registry_udp.register("datagrams", "UDP datagrams relayed", datagrams);
+    registry_udp.register("bytes", "UDP payload bytes relayed (SOCKS headers not counted)", bytes);
+    let dropped = Family::<ReasonLabel, Counter>::default();
+    for reason in DropReason::ALL {
+        dropped
+            .get_or_create(&ReasonLabel { reason: reason.name() })
+            .inc_by(udp.dropped.get(reason));
+    }
+    registry_udp.register("dropped", "UDP datagrams dropped, by reason", dropped);
+
+    let bind = &server.bind;
+    let registry_bind = registry.sub_registry_with_prefix("bind");
+    gauge(registry_bind, "waits_active", "BINDs waiting for their peer now", bind.waits_active);
+    counter(
+        registry_bind,
+        "refused_peers",
+        "Connections to a BIND port refused: not from the host the BIND named",
+        bind.refused_peers,
+    );
+    let outcomes = Family::<OutcomeLabel, Counter>::default();
+    for outcome in BindOutcome::ALL {
+        outcomes
+            .get_or_create(&OutcomeLabel { outcome: outcome.name() })
+            .inc_by(bind.outcomes.get(outcome));
+    }
+    registry_bind.register("outcomes", "BINDs ended waiting, by outcome", outcomes);
 }
 
 fn pool_totals(registry: &mut Registry, stats: &PoolStats) {

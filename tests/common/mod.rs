@@ -5,7 +5,9 @@
 pub mod daemon;
 pub mod dns;
 pub mod fleet;
+pub mod netns;
 pub mod real;
+pub mod udp;
 pub mod upstreams;
 
 use std::net::SocketAddr;
@@ -45,6 +47,11 @@ impl TestProxy {
 
     pub async fn start_server(server: Server) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        Self::start_server_on(server, listener).await
+    }
+
+    /// Runs `server` on a listener of the test's choosing (`0.0.0.0:0`, `[::1]:0`).
+    pub async fn start_server_on(server: Server, listener: TcpListener) -> Self {
         let addr = listener.local_addr().expect("proxy addr");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(listener, async move {
