@@ -3,14 +3,27 @@
 //! A SOCKS proxy cannot see message boundaries, so a connection that carried any byte of one
 //! client's session is never given to another. The pool holds **spares**: open upstream
 //! connections no client has used yet.
-//! - A spare is handed out LIFO, after a non-blocking check (a peer-closed spare is discarded;
-//!   unread bytes on it are a server greeting and stay there for the client).
-//! - Handing out a spare, and a miss, each start background dials up to a target sized from
-//!   the observed checkout rate and dial time (Little's law, see [`refill`]), within the
-//!   per-destination limit, the global budget and the failure backoff, so the next client hits;
-//!   when demand falls, surplus spares are not replaced and the Janitor closes them.
-//! - A session that moved no byte either way may hand its connection back; it is pooled as a
-//!   spare again. A used connection is closed when its session ends.
+//! - A spare is handed out LIFO, after a non-blocking check (`poll(2)` with `POLLRDHUP`: a
+//!   spare its server closed or reset is discarded even behind a greeting; unread bytes on a
+//!   live one are a server greeting and stay there for the client). Its age counts from its
+//!   dial.
+//! - A spare pays only where it saves a round trip a client would wait for, and is used before
+//!   it dies; everywhere else the pool keeps none (see README, "When a spare pays"):
+//!   - a destination gets a manager on its second checkout within `idle_timeout`
+//!     ([`admission`]); the first is dialed directly and only remembered;
+//!   - a destination whose dial is cheaper than `cheap_dial` (same host, LAN) gets no spares,
+//!     and its checkouts skip the manager (but one in 16, which keeps it measured);
+//!   - a destination whose server drops idle connections sooner than a spare would wait there
+//!     ([`server_limit`]), or whose clients come further apart than a spare lives, gets none;
+//!   - when the budget is full, a spare is evicted only for a destination clearly and steadily
+//!     busier than its own ([`budget`]: TinyLFU-style admission), else the request is refused.
+//! - Where spares pay, a hit and a successful miss start background dials up to a target sized
+//!   from the demand (Little's law on the checkout rate, or on the sessions in use for a fast
+//!   response to a step; see [`refill`]), within the per-destination limit, the global budget
+//!   and the failure backoff; a failed CONNECT starts none. When demand falls, surplus spares
+//!   are not replaced and the Janitor closes them.
+//! - A connection goes back only if not a byte moved either way and its client is really gone
+//!   (reset, not a half-close); it is pooled as a spare again. A used connection is closed.
 //!
 //! The actors:
 //! - [`Directory`](directory::Directory): routes checkouts to the destination's PoolManager

@@ -20,7 +20,7 @@
 //! state it keeps) and watches again, so the server's later close still wakes it; because the
 //! cleared readiness would leave the client's first read waiting for an edge that already
 //! came, such a spare is re-registered with the I/O driver when it is handed out
-//! ([`Spare::into_stream`]), which reports the waiting bytes afresh.
+//! (`Spare::into_stream`), which reports the waiting bytes afresh.
 //!
 //! Once the stream is handed out, the client's first read replaces the waker (tokio keeps one
 //! reader waker per socket); until then a wake finds no spare with that id and is ignored.

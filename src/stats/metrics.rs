@@ -322,6 +322,36 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
             stats.returned_untouched,
         ),
         ("refill_denied", "Background dials refused by the global budget", stats.refill_denied),
+        (
+            "budget_denied_colder",
+            "Slots refused: the requester was not clearly busier than the spare it would evict",
+            stats.budget.denied_colder,
+        ),
+        (
+            "first_sightings",
+            "Checkouts of a destination seen for the first time: dialed directly, no spare",
+            stats.first_sightings,
+        ),
+        (
+            "bypassed",
+            "Checkouts of destinations kept without spares (cheap dial, excluded), no message",
+            stats.bypassed,
+        ),
+        (
+            "destinations_forgotten",
+            "Destinations forgotten to stay within max_destinations",
+            stats.destinations_forgotten,
+        ),
+        (
+            "stale_checkouts",
+            "Spares found unusable at hand-out; their clients got another connection",
+            stats.stale_checkouts,
+        ),
+        (
+            "retired_early",
+            "Spares closed before their server's learned idle limit",
+            stats.retired_early,
+        ),
         ("trimmed", "Surplus spares closed after demand fell", stats.trimmed),
         ("manager_restarts", "PoolManagers restarted after a failure", stats.manager_restarts),
         (
@@ -359,7 +389,7 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
     );
 
     let dest = registry.sub_registry_with_prefix("destination");
-    let gauges: [DestSeries; 4] = [
+    let gauges: [DestSeries; 7] = [
         ("idle", "Spares held for the destination", |d| d.idle as u64),
         ("in_use", "Leases outstanding for the destination", |d| d.in_use),
         ("pending_creates", "Background dials in flight for the destination", |d| {
@@ -370,6 +400,19 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
             "Spares the destination aims for (checkouts/s x dial time + headroom)",
             |d| d.refill.refill_target as u64,
         ),
+        (
+            "spare_target",
+            "Spares the destination gets after the policy (0 where a spare cannot pay)",
+            |d| d.policy.target as u64,
+        ),
+        ("speaks_first", "1 when the destination's server sends bytes before the client", |d| {
+            u64::from(d.policy.speaks_first)
+        }),
+        (
+            "server_idle_limit_seconds",
+            "Idle time after which the server was seen to drop spares (0: none seen)",
+            |d| d.policy.server_idle_limit_ms.map_or(0, |ms| ms / 1000),
+        ),
     ];
     for (name, help, value) in gauges {
         let family = Family::<DestinationLabel, Gauge>::default();
@@ -378,7 +421,7 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         }
         dest.register(name, help, family);
     }
-    let counters: [DestSeries; 8] = [
+    let counters: [DestSeries; 11] = [
         ("created", "Connections opened to the destination", |d| d.counters.created),
         ("reused", "Spares handed out for the destination", |d| d.counters.reused),
         ("hits", "Checkouts answered by a spare", |d| d.counters.hits),
@@ -389,6 +432,11 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         ("expired", "Spares closed for age", |d| d.counters.expired),
         ("evicted", "Spares evicted by the global budget", |d| d.counters.evicted),
         ("trimmed", "Surplus spares closed after demand fell", |d| d.counters.trimmed),
+        ("retired_early", "Spares closed before the server's learned idle limit", |d| {
+            d.counters.retired_early
+        }),
+        ("validation_drops", "Spares found closed at checkout", |d| d.counters.validation_drops),
+        ("peer_closed", "Idle spares closed by the server", |d| d.counters.peer_closed),
     ];
     for (name, help, value) in counters {
         let family = Family::<DestinationLabel, Counter>::default();
@@ -397,6 +445,25 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         }
         dest.register(name, help, family);
     }
+    // Why each destination has the spare target it has: one series per destination, valued 1,
+    // labelled with the reason (demand, excluded, server_idle_limit, cheap_dial, rarely_used).
+    let reasons = Family::<ReasonOfDestination, Gauge>::default();
+    for d in shown {
+        let reason = serde_json::to_value(d.policy.reason)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        reasons
+            .get_or_create(&ReasonOfDestination { destination: d.destination.clone(), reason })
+            .set(1);
+    }
+    dest.register("spare_target_reason", "Why the destination has its spare target", reasons);
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonOfDestination {
+    destination: String,
+    reason: String,
 }
 
 /// A per-destination series: name, help, and how to read its value.
