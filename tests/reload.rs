@@ -248,7 +248,10 @@ async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config(
     let good = base.replace("bind_port = 0\n", "bind_port = 0\nmax_connections = 500\n");
     let line = reload(&mut daemon, &good, "config reloaded");
     assert!(line.contains("server.max_connections"), "{line}");
-    assert!(gauge(&http_get(stats, "/metrics").await).ends_with(" 1"));
+    let metrics = http_get(stats, "/metrics").await;
+    assert!(gauge(&metrics).ends_with(" 1"));
+    assert!(metrics.contains("poolsocks_config_reloads_refused_total 3"), "{metrics}");
+    assert!(metrics.contains("poolsocks_config_info{hash=\""), "the hash is exposed");
     let status = pool_stats(stats).await;
     assert_eq!(status["config"]["server"]["max_connections"], 500);
 

@@ -353,6 +353,11 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
             stats.retired_early,
         ),
         ("trimmed", "Surplus spares closed after demand fell", stats.trimmed),
+        (
+            "closed_by_rules",
+            "Spares closed because a reloaded config no longer allows their peer",
+            stats.closed_by_rules,
+        ),
         ("manager_restarts", "PoolManagers restarted after a failure", stats.manager_restarts),
         (
             "destinations_pruned",
