@@ -4,6 +4,10 @@
 //! client asks "who" and the server says which accepted connection is answering; spares that
 //! never carried bytes are identified by their address as the server saw it.
 
+mod common;
+
+use common::DistantDialer;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -1003,26 +1007,6 @@ async fn a_hanging_dialer_cannot_leave_creates_pending() {
 
 // ---------------------------------------------------------------------------------------------
 // A pool that keeps up with demand.
-
-/// Every dial first waits `delay`, as the handshake with a distant destination would: the
-/// delay sits on the connect path (what the pool measures), not in a server that sleeps.
-struct DistantDialer {
-    delay: Duration,
-}
-
-impl Dialer for DistantDialer {
-    fn dial(
-        &self,
-        target: TargetAddr,
-        timeout: DialLimits,
-    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
-        let delay = self.delay;
-        Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            TcpDialer::new().dial(target, timeout).await
-        })
-    }
-}
 
 #[tokio::test]
 async fn the_refill_target_rises_with_demand_and_falls_back_when_it_stops() {

@@ -12,30 +12,8 @@ use common::*;
 use poolsocks::pool::{Pool, PoolOptions, TargetReason};
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use poolsocks::telemetry::{EventQuery, Telemetry};
-use poolsocks::upstream::{
-    BoxFuture, ConnectError, Connector, DialLimits, Dialer, Origin, TcpDialer,
-};
-use tokio::net::{TcpListener, TcpStream};
-
-/// Every dial first waits `delay`, as the handshake with a distant destination would (on the
-/// connect path, which the pool measures, not in a server that sleeps).
-struct DistantDialer {
-    delay: Duration,
-}
-
-impl Dialer for DistantDialer {
-    fn dial(
-        &self,
-        target: TargetAddr,
-        limits: DialLimits,
-    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
-        let delay = self.delay;
-        Box::pin(async move {
-            tokio::time::sleep(delay).await;
-            TcpDialer::new().dial(target, limits).await
-        })
-    }
-}
+use poolsocks::upstream::{ConnectError, Connector, Origin, TcpDialer};
+use tokio::net::TcpListener;
 
 /// An upstream on every loopback address of one port, counting what it accepts and holding
 /// each connection open until its client closes.

@@ -69,6 +69,27 @@ impl TestProxy {
     }
 }
 
+/// Every dial first waits `delay`, as the handshake with a distant destination would: the
+/// delay sits on the connect path (what the pool measures), not in a server that sleeps.
+pub struct DistantDialer {
+    pub delay: std::time::Duration,
+}
+
+impl poolsocks::upstream::Dialer for DistantDialer {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        limits: poolsocks::upstream::DialLimits,
+    ) -> poolsocks::upstream::BoxFuture<'static, Result<TcpStream, poolsocks::upstream::ConnectError>>
+    {
+        let delay = self.delay;
+        Box::pin(async move {
+            tokio::time::sleep(delay).await;
+            poolsocks::upstream::TcpDialer::new().dial(target, limits).await
+        })
+    }
+}
+
 /// A server whose names resolve through a static table (only `localhost`).
 pub async fn build_server(config: Config) -> Result<Server, ServerError> {
     Server::build_with_resolver(config, Arc::new(StaticResolver::new())).await
