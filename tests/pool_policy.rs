@@ -117,7 +117,7 @@ async fn many_distant_destinations_under_default_limits_waste_no_spares() {
 #[tokio::test]
 async fn a_destination_as_cheap_to_dial_as_a_message_gets_no_spares() {
     // Default policy: a loopback upstream dials in microseconds.
-    let echo = EchoServer::start().await;
+    let mut echo = EchoServer::start().await;
     let target = TargetAddr::Ip(echo.addr);
     let options = PoolOptions { janitor_period: None, ..PoolOptions::default() };
     let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled())
@@ -128,23 +128,84 @@ async fn a_destination_as_cheap_to_dial_as_a_message_gets_no_spares() {
         assert_eq!(upstream.origin, Origin::Dialed);
         upstream.finish(false);
     }
+    let stats = pool.stats().await.expect("stats");
+    // The first dial measured it cheap: no manager was ever started, and every later
+    // checkout was dialed by the handle without a message.
+    assert_eq!(stats.cheap_destinations, 1, "{stats:?}");
+    assert_eq!(stats.destinations, 0, "no manager: {stats:?}");
+    assert_eq!(stats.budget.high_water, 0, "no spare was ever made: {stats:?}");
+    assert_eq!(stats.first_sightings, 1, "{stats:?}");
+    assert_eq!(
+        stats.bypassed + stats.pool_misses + stats.first_sightings,
+        40,
+        "every session is counted once: {stats:?}"
+    );
+    // The far side saw one connection per session, none more.
+    for _ in 0..40 {
+        echo.accepted.recv().await.expect("accepted");
+    }
+    assert!(echo.accepted.try_recv().is_err(), "a connection nobody asked for");
+    pool.shutdown().await;
+}
+
+/// Dials after a delay that a test changes while the pool runs.
+struct AdjustableDialer {
+    delay_ms: Arc<AtomicUsize>,
+}
+
+impl poolsocks::upstream::Dialer for AdjustableDialer {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        limits: poolsocks::upstream::DialLimits,
+    ) -> poolsocks::upstream::BoxFuture<
+        'static,
+        Result<tokio::net::TcpStream, poolsocks::upstream::ConnectError>,
+    > {
+        let delay = Duration::from_millis(self.delay_ms.load(Ordering::SeqCst) as u64);
+        Box::pin(async move {
+            // Even a zero sleep waits for the timer's next millisecond tick.
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            poolsocks::upstream::Dialer::dial(&TcpDialer::new(), target, limits).await
+        })
+    }
+}
+
+#[tokio::test]
+async fn a_cheap_destination_that_turns_distant_is_pooled_again() {
+    let echo = EchoServer::start().await;
+    let target = TargetAddr::Ip(echo.addr);
+    let delay_ms = Arc::new(AtomicUsize::new(0));
+    let dialer = AdjustableDialer { delay_ms: Arc::clone(&delay_ms) };
+    let options = PoolOptions { janitor_period: None, ..PoolOptions::default() };
+    let pool = Pool::spawn(options, Arc::new(dialer), Telemetry::disabled()).await.expect("pool");
+    for _ in 0..3 {
+        pool.acquire(&target).await.expect("served").finish(false);
+    }
+    assert_eq!(pool.stats().await.expect("stats").cheap_destinations, 1);
+
+    // The route moved (a failover to another site): each dial now costs 20 ms.
+    delay_ms.store(20, Ordering::SeqCst);
+    pool.acquire(&target).await.expect("served").finish(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pool.stats().await.expect("stats").cheap_destinations != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the cheap route was never dropped");
+        tokio::task::yield_now().await;
+    }
+    // Judged again from scratch: admitted on its second sighting, measured by its manager.
+    for _ in 0..3 {
+        pool.acquire(&target).await.expect("served").finish(false);
+    }
     let mut view = pool.watch_destination(&target).await.expect("watch");
     let rest = tokio::time::timeout(Duration::from_secs(10), view.wait_for(|s| s.is_quiet()))
         .await
         .expect("quiet")
         .expect("view")
         .clone();
-    assert_eq!(rest.policy.reason, TargetReason::CheapDial, "{rest:?}");
-    assert_eq!(rest.idle_high_water, 0, "no spare was ever made: {rest:?}");
-    let stats = pool.stats().await.expect("stats");
-    // After the first sighting and one measured dial, the handle skips the manager for all
-    // but one checkout in 16: no message on the path of a session that cannot gain from one.
-    assert!(stats.bypassed >= 30, "{stats:?}");
-    assert_eq!(
-        stats.bypassed + stats.pool_misses + stats.first_sightings,
-        40,
-        "every session is counted once: {stats:?}"
-    );
+    assert_ne!(rest.policy.reason, TargetReason::CheapDial, "{rest:?}");
+    assert!(rest.refill.dial_time_ms.is_some_and(|ms| ms >= 20.0), "{rest:?}");
     pool.shutdown().await;
 }
 

@@ -13,7 +13,8 @@
 //! - a failed GlobalBudget takes all PoolManagers with it (their spares hold its slots), then
 //!   everything starts afresh; a failed Janitor is simply restarted.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -49,27 +50,36 @@ pub struct DirectoryArgs {
     pub routes: Routes,
 }
 
-/// Each destination's live PoolManager, written only by the Directory, read by `Pool` handles
-/// so that a checkout needs no Directory hop. A read lock is held only for a map lookup.
+/// Each destination's route, written only by the Directory, read by `Pool` handles so that a
+/// checkout needs no Directory hop. A read lock is held only for a map lookup.
 #[derive(Clone, Default)]
 pub struct Routes(Arc<RwLock<HashMap<TargetAddr, Route>>>);
 
 /// Where a handle sends a destination's checkouts, and what it may skip.
 #[derive(Clone)]
-pub struct Route {
+pub enum Route {
+    /// A PoolManager keeps this destination's spares (or decided it gets none).
+    Managed(ManagedRoute),
+    /// A destination whose dials cost less than `cheap_dial`, measured by the handles that
+    /// dialed it: it gets no manager at all, and handles dial it without any message.
+    Cheap(CheapRoute),
+}
+
+#[derive(Clone)]
+pub struct ManagedRoute {
     pub manager: ActorRef<ManagerMsg>,
     /// The manager's published view: a destination it keeps no spares for, for a reason that
     /// lasts (cheap dials, excluded), is dialed by the handle without a message (see `Pool`).
     view: watch::Receiver<DestStats>,
     /// Checkouts seen for this route, so that one in [`BYPASS_SAMPLE`] still goes to the
     /// manager and keeps its measurements (dial time, rate) current.
-    seen: Arc<std::sync::atomic::AtomicU32>,
+    seen: Arc<AtomicU32>,
 }
 
 /// One checkout in this many of a bypassed destination still goes through its manager.
 pub const BYPASS_SAMPLE: u32 = 16;
 
-impl Route {
+impl ManagedRoute {
     /// Whether this checkout may skip the manager: the destination gets no spares for a
     /// lasting reason, and this is not a sampled checkout.
     pub fn bypass(&self) -> bool {
@@ -77,8 +87,39 @@ impl Route {
             self.view.borrow().policy.reason,
             super::stats::TargetReason::CheapDial | super::stats::TargetReason::Excluded
         );
-        lasting && self.seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % BYPASS_SAMPLE != 0
+        lasting && self.seen.fetch_add(1, Ordering::Relaxed) % BYPASS_SAMPLE != 0
     }
+}
+
+/// A cheap destination's dial time, a moving average the handles keep by themselves: every
+/// dial is timed anyway, so none needs sampling through an actor.
+#[derive(Clone)]
+pub struct CheapRoute {
+    dial_us: Arc<AtomicU32>,
+}
+
+/// Weight of a new dial in a cheap route's average (the managers' own, see `refill`).
+const CHEAP_DIAL_WEIGHT: f64 = 0.2;
+
+impl CheapRoute {
+    fn new(first_dial: Duration) -> Self {
+        CheapRoute { dial_us: Arc::new(AtomicU32::new(micros(first_dial))) }
+    }
+
+    /// Folds in one dial's time; false once the average is no longer under `cheap_dial`.
+    /// Concurrent updates may lose one another's sample, which only slows the average.
+    pub fn observe(&self, took: Duration, cheap_dial: Duration) -> bool {
+        let old = f64::from(self.dial_us.load(Ordering::Relaxed));
+        let new = old + CHEAP_DIAL_WEIGHT * (f64::from(micros(took)) - old);
+        // In range by construction: between two u32 values.
+        let new = new.round() as u32;
+        self.dial_us.store(new, Ordering::Relaxed);
+        u128::from(new) < cheap_dial.as_micros()
+    }
+}
+
+fn micros(took: Duration) -> u32 {
+    u32::try_from(took.as_micros()).unwrap_or(u32::MAX)
 }
 
 impl Routes {
@@ -95,7 +136,14 @@ impl Routes {
         view: watch::Receiver<DestStats>,
     ) {
         if let Ok(mut map) = self.0.write() {
-            map.insert(target, Route { manager, view, seen: Arc::default() });
+            let route = ManagedRoute { manager, view, seen: Arc::default() };
+            map.insert(target, Route::Managed(route));
+        }
+    }
+
+    fn set_cheap(&self, target: TargetAddr, first_dial: Duration) {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(target, Route::Cheap(CheapRoute::new(first_dial)));
         }
     }
 
@@ -105,10 +153,70 @@ impl Routes {
         }
     }
 
+    /// Removes a destination's route only if it is a cheap one (a manager may stand there now).
+    fn remove_cheap(&self, target: &TargetAddr) {
+        if let Ok(mut map) = self.0.write() {
+            if matches!(map.get(target), Some(Route::Cheap(_))) {
+                map.remove(target);
+            }
+        }
+    }
+
     fn clear(&self) {
         if let Ok(mut map) = self.0.write() {
             map.clear();
         }
+    }
+}
+
+/// Destinations routed as cheap, at most `max_destinations` of them, the oldest forgotten
+/// first (forgetting one costs only a Directory hop at its next checkout).
+#[derive(Default)]
+struct CheapDestinations {
+    listed: HashMap<TargetAddr, u64>,
+    order: VecDeque<(TargetAddr, u64)>,
+    next: u64,
+}
+
+impl CheapDestinations {
+    fn contains(&self, target: &TargetAddr) -> bool {
+        self.listed.contains_key(target)
+    }
+
+    fn len(&self) -> usize {
+        self.listed.len()
+    }
+
+    /// Lists `target`; returns the destination forgotten to stay within `capacity`, if any.
+    fn insert(&mut self, target: TargetAddr, capacity: usize) -> Option<TargetAddr> {
+        let mut forgotten = None;
+        if self.listed.len() >= capacity.max(1) {
+            while let Some((oldest, seq)) = self.order.pop_front() {
+                if self.listed.get(&oldest) == Some(&seq) {
+                    self.listed.remove(&oldest);
+                    forgotten = Some(oldest);
+                    break;
+                }
+            }
+        }
+        self.next += 1;
+        self.listed.insert(target.clone(), self.next);
+        self.order.push_back((target, self.next));
+        // Removed entries leave stale queue entries behind; keep the queue near the map's size.
+        if self.order.len() > 2 * self.listed.len().max(16) {
+            let listed = &self.listed;
+            self.order.retain(|(target, seq)| listed.get(target) == Some(seq));
+        }
+        forgotten
+    }
+
+    fn remove(&mut self, target: &TargetAddr) -> bool {
+        self.listed.remove(target).is_some()
+    }
+
+    fn clear(&mut self) {
+        self.listed.clear();
+        self.order.clear();
     }
 }
 
@@ -137,6 +245,11 @@ pub struct DirectoryState {
     passes: u64,
     /// Destinations forgotten to stay within `max_destinations`.
     forgotten: u64,
+    /// Destinations routed as cheap, without a manager.
+    cheap: CheapDestinations,
+    /// Checkouts of a cheap destination that still reached the Directory (a race with its
+    /// route being published), answered `Pass`.
+    cheap_passes: u64,
 }
 
 impl Actor for Directory {
@@ -172,6 +285,8 @@ impl Actor for Directory {
             },
             passes: 0,
             forgotten: 0,
+            cheap: CheapDestinations::default(),
+            cheap_passes: 0,
             options: args.options,
         })
     }
@@ -197,6 +312,11 @@ impl Actor for Directory {
     ) -> Result<(), ActorProcessingErr> {
         match message {
             DirectoryMsg::Acquire(target, reply) => {
+                if state.cheap.contains(&target) {
+                    state.cheap_passes += 1;
+                    let _ = reply.send(Checkout::Pass);
+                    return Ok(());
+                }
                 if !state.managers.contains_key(&target) && !state.admits(&target) {
                     state.passes += 1;
                     let _ = reply.send(Checkout::Pass);
@@ -217,6 +337,12 @@ impl Actor for Directory {
                         }
                         Err(_) => return Ok(()),
                     }
+                }
+            }
+            DirectoryMsg::DialedCheap { target, took } => state.route_cheap(target, took),
+            DirectoryMsg::NoLongerCheap(target) => {
+                if state.cheap.remove(&target) {
+                    state.routes.remove_cheap(&target);
                 }
             }
             DirectoryMsg::Stats(reply) => {
@@ -317,6 +443,13 @@ impl DirectoryState {
     async fn reconfigure(&mut self, myself: &ActorRef<DirectoryMsg>, options: PoolOptions) {
         let options = Arc::new(options);
         let janitor_changed = options.janitor_period != self.options.janitor_period;
+        if options.cheap_dial != self.options.cheap_dial {
+            // Judged against the old threshold: each is measured again on its next dial.
+            for target in self.cheap.listed.keys() {
+                self.routes.remove_cheap(target);
+            }
+            self.cheap.clear();
+        }
         self.options = Arc::clone(&options);
         let _ = self.budget.cast(BudgetMsg::SetLimit { max_total_idle: options.max_total_idle });
         for entry in self.managers.values() {
@@ -337,6 +470,21 @@ impl DirectoryState {
                 Err(error) => tracing::warn!(%error, "could not restart the janitor; keeping it"),
             }
         }
+    }
+
+    /// A destination without a manager whose dial took less than `cheap_dial`: from now on
+    /// handles dial it without a message (see `Route::Cheap`). Judged on a handle's report.
+    fn route_cheap(&mut self, target: TargetAddr, took: Duration) {
+        if took >= self.options.cheap_dial
+            || self.managers.contains_key(&target)
+            || self.cheap.contains(&target)
+        {
+            return;
+        }
+        if let Some(forgotten) = self.cheap.insert(target.clone(), self.options.max_destinations) {
+            self.routes.remove_cheap(&forgotten);
+        }
+        self.routes.set_cheap(target, took);
     }
 
     /// Whether a destination without a manager gets one now (its second sighting).
@@ -384,6 +532,8 @@ impl DirectoryState {
         };
         match Actor::spawn_linked(None, PoolManager, args, myself.get_cell()).await {
             Ok((manager, _)) => {
+                // A harness's watch may give a cheap destination a manager: it routes there now.
+                self.cheap.remove(&target);
                 self.by_id.insert(manager.get_id(), target.clone());
                 self.routes.set(target.clone(), manager.clone(), stats.subscribe());
                 self.managers.insert(target, Entry { manager: manager.clone(), stats });
@@ -446,6 +596,7 @@ impl DirectoryState {
         // Every spare holds a slot of the dead budget: stop all managers before a new budget
         // hands out slots, so the global limit holds throughout.
         self.routes.clear();
+        self.cheap.clear();
         for (target, entry) in self.managers.drain() {
             self.by_id.remove(&entry.manager.get_id());
             self.retired.add(&entry.stats.borrow().counters);
@@ -547,6 +698,8 @@ impl DirectoryState {
             self.pruned,
         );
         stats.first_sightings = self.passes;
+        stats.cheap_destinations = self.cheap.len();
+        stats.bypassed = self.cheap_passes;
         stats.destinations_forgotten = self.forgotten;
         stats.first_sightings_remembered = self.doorkeeper.as_ref().map_or(0, Doorkeeper::len);
         stats

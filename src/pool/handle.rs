@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::category;
-use super::directory::{Directory, DirectoryArgs, Routes};
+use super::directory::{CheapRoute, Directory, DirectoryArgs, Route, Routes};
 use super::messages::{Checkout, DirectoryMsg, ManagerMsg, SweepReport};
 use super::options::PoolOptions;
 use super::stats::{BudgetStats, DestStats, PoolStats};
@@ -113,7 +113,7 @@ impl Pool {
     pub async fn stats(&self) -> Result<PoolStats, PoolError> {
         let mut stats = self.ask(DirectoryMsg::Stats).await?;
         stats.fallback_dials = self.fallback_dials.load(Ordering::Relaxed);
-        stats.bypassed = self.bypassed.load(Ordering::Relaxed);
+        stats.bypassed += self.bypassed.load(Ordering::Relaxed);
         Ok(stats)
     }
 
@@ -166,11 +166,7 @@ impl Pool {
     /// pruned), since the Directory knows what replaced it.
     async fn checkout(&self, target: &TargetAddr) -> Result<Checkout, String> {
         let checkout_timeout = self.options.load().checkout_timeout;
-        if let Some(route) = self.routes.get(target) {
-            if route.bypass() {
-                self.bypassed.fetch_add(1, Ordering::Relaxed);
-                return Ok(Checkout::Pass);
-            }
+        if let Some(Route::Managed(route)) = self.routes.get(target) {
             let manager = route.manager;
             match manager.call(ManagerMsg::AcquireDirect, Some(checkout_timeout)).await {
                 Ok(CallResult::Success(checkout)) => return Ok(checkout),
@@ -233,6 +229,37 @@ impl Pool {
         stream.peer_addr().is_ok_and(|peer| self.dialer.still_allowed(target, peer))
     }
 
+    /// A destination without a manager (a first sighting, or one the Directory answered
+    /// `Pass` for): dialed, and reported if the dial was cheap, so the next checkouts of a
+    /// same-host or LAN destination need no message at all.
+    async fn dial_unmanaged(&self, target: &TargetAddr) -> Result<Upstream, ConnectError> {
+        let started = tokio::time::Instant::now();
+        let stream = self.dial(target).await?;
+        let took = started.elapsed();
+        if took < self.options.load().cheap_dial {
+            let report = DirectoryMsg::DialedCheap { target: target.clone(), took };
+            // Lost only while the pool stops; the destination is then simply judged again.
+            let _ = self.directory.cast(report);
+        }
+        Ok(Upstream::dialed(stream))
+    }
+
+    /// A destination routed as cheap: dialed without a message, its average dial time kept
+    /// on the route; once that is no longer cheap the Directory is told to drop the route.
+    async fn dial_cheap(
+        &self,
+        target: &TargetAddr,
+        route: &CheapRoute,
+    ) -> Result<Upstream, ConnectError> {
+        self.bypassed.fetch_add(1, Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
+        let stream = self.dial(target).await?;
+        if !route.observe(started.elapsed(), self.options.load().cheap_dial) {
+            let _ = self.directory.cast(DirectoryMsg::NoLongerCheap(target.clone()));
+        }
+        Ok(Upstream::dialed(stream))
+    }
+
     /// The caller's own dial after a miss, reported to the manager.
     async fn dial_for_miss(
         &self,
@@ -267,6 +294,14 @@ impl Connector for Pool {
             if self.excluded(target) {
                 return Ok(Upstream::dialed(self.dial(target).await?));
             }
+            match self.routes.get(target) {
+                Some(Route::Cheap(route)) => return self.dial_cheap(target, &route).await,
+                Some(Route::Managed(route)) if route.bypass() => {
+                    self.bypassed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Upstream::dialed(self.dial(target).await?));
+                }
+                _ => {}
+            }
             for _ in 0..=STALE_SPARES_PER_CHECKOUT {
                 match self.checkout(target).await {
                     Ok(Checkout::Hit { stream, lease }) => {
@@ -277,8 +312,8 @@ impl Connector for Pool {
                         lease.stale();
                     }
                     Ok(Checkout::Miss { lease }) => return self.dial_for_miss(target, lease).await,
-                    // A first sighting, or a destination dialed directly (see `Route::bypass`).
-                    Ok(Checkout::Pass) => return Ok(Upstream::dialed(self.dial(target).await?)),
+                    // A first sighting, or a cheap destination (see `Route::Cheap`).
+                    Ok(Checkout::Pass) => return self.dial_unmanaged(target).await,
                     Err(why) => {
                         self.fallback_dials.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%target, %why, "pool unavailable; dialing directly");

@@ -172,6 +172,12 @@ pub enum BudgetMsg {
 pub enum DirectoryMsg {
     /// Forwarded to the destination's PoolManager, created on first demand.
     Acquire(TargetAddr, RpcReplyPort<Checkout>),
+    /// A handle dialed a destination without a manager in `took`: under `cheap_dial`, it is
+    /// routed as cheap (no manager, no message on its checkouts).
+    DialedCheap { target: TargetAddr, took: Duration },
+    /// A cheap destination's dials became slower than `cheap_dial` on average: its route is
+    /// dropped, and its next checkouts go through admission again.
+    NoLongerCheap(TargetAddr),
     /// The whole pool's counters.
     Stats(RpcReplyPort<PoolStats>),
     /// One Janitor pass: expire old spares, prune cold destinations.

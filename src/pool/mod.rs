@@ -11,8 +11,11 @@
 //!   it dies; everywhere else the pool keeps none (see README, "When a spare pays"):
 //!   - a destination gets a manager on its second checkout within `idle_timeout`
 //!     ([`admission`]); the first is dialed directly and only remembered;
-//!   - a destination whose dial is cheaper than `cheap_dial` (same host, LAN) gets no spares,
-//!     and its checkouts skip the manager (but one in 16, which keeps it measured);
+//!   - a destination whose dial is cheaper than `cheap_dial` (same host, LAN) gets no spares:
+//!     measured cheap on its first dial, it gets no manager at all and handles dial it without
+//!     a message ([`Route::Cheap`](directory::Route), dropped once its average dial is no
+//!     longer cheap); measured cheap by its manager, its checkouts skip that manager (but one
+//!     in 16, which keeps it measured);
 //!   - a destination whose server drops idle connections sooner than a spare would wait there
 //!     ([`server_limit`]), or whose clients come further apart than a spare lives, gets none;
 //!   - when the budget is full, a spare is evicted only for a destination clearly and steadily

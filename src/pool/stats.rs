@@ -212,14 +212,18 @@ pub struct PoolStats {
     pub destinations_pruned: u64,
     /// Checkouts the pool did not answer in time (or at all): the handler dialed directly.
     pub fallback_dials: u64,
-    /// Checkouts of destinations that get no spares for a lasting reason (cheap dials,
-    /// excluded), dialed by the handle without a message to their manager (all but one in 16).
+    /// Checkouts of destinations that get no spares for a lasting reason, dialed by the handle
+    /// without a message: cheap destinations (no manager at all), and those whose manager
+    /// keeps none (cheap dials, excluded; all but one checkout in 16).
     pub bypassed: u64,
     /// Checkouts of a destination seen for the first time (within the admission window):
     /// dialed directly, no manager, no spare.
     pub first_sightings: u64,
     /// First sightings remembered now, waiting for a second.
     pub first_sightings_remembered: usize,
+    /// Destinations routed as cheap to dial (under `cheap_dial_us`): no manager, no spare,
+    /// dialed by the handles without a message.
+    pub cheap_destinations: usize,
     /// Destinations forgotten to stay within `max_destinations`.
     pub destinations_forgotten: u64,
     pub budget: BudgetStats,

@@ -272,6 +272,12 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
     gauge(registry, "destinations", "Destinations with a PoolManager", stats.destinations as u64);
     gauge(
         registry,
+        "cheap_destinations",
+        "Destinations dialed as cheaply as a message: no manager, no spare",
+        stats.cheap_destinations as u64,
+    );
+    gauge(
+        registry,
         "connections_in_use",
         "Pooled or leased connections in use by sessions",
         stats.connections_in_use,
