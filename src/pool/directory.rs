@@ -705,3 +705,44 @@ impl DirectoryState {
         stats
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(n: u32) -> TargetAddr {
+        TargetAddr::Domain(format!("n{n}.example"), 443)
+    }
+
+    #[test]
+    fn cheap_destinations_stay_within_capacity_whatever_the_names() {
+        let mut cheap = CheapDestinations::default();
+        for n in 0..50_000 {
+            let full = cheap.len() == 1_000;
+            let forgotten = cheap.insert(name(n), 1_000);
+            assert_eq!(forgotten.is_some(), full, "one is forgotten only when full: {n}");
+            assert!(cheap.len() <= 1_000);
+            assert!(cheap.order.len() <= 2_000 + 1, "the queue is bounded too");
+            // Some drop out as they turn distant, which must not unbound the queue either.
+            if n % 3 == 0 {
+                cheap.remove(&name(n));
+            }
+        }
+        // The oldest goes first.
+        let mut cheap = CheapDestinations::default();
+        cheap.insert(name(1), 2);
+        cheap.insert(name(2), 2);
+        assert_eq!(cheap.insert(name(3), 2), Some(name(1)));
+        assert!(cheap.contains(&name(2)) && cheap.contains(&name(3)));
+    }
+
+    #[test]
+    fn a_cheap_route_turns_distant_on_its_average_not_one_slow_dial() {
+        let cheap_dial = Duration::from_micros(1_000);
+        let route = CheapRoute::new(Duration::from_micros(100));
+        // One 3 ms hiccup (a busy CPU) moves the average to 680 us: still cheap.
+        assert!(route.observe(Duration::from_micros(3_000), cheap_dial));
+        // A path that really moved (20 ms dials) crosses at once.
+        assert!(!route.observe(Duration::from_millis(20), cheap_dial));
+    }
+}

@@ -11,8 +11,8 @@
 //!   argon2 check with the most expensive parameters configured: a hashed user's own, or a
 //!   decoy for an unknown user, and a decoy after the constant-time compare of a plain-password
 //!   user. Unknown users, wrong plain passwords and wrong hashed passwords then look alike.
-//!   (Hashed users with cheaper parameters than others remain distinguishable: `validate()`
-//!   warns about mixed parameters.)
+//!   (Hashed users with cheaper parameters than others remain distinguishable: a warning at
+//!   start and on every reload names them.)
 //! - **Counted before checked**: a place against the failure limit is taken first.
 
 use std::collections::HashMap;
@@ -135,6 +135,23 @@ fn argon2_cost(phc: &Secret) -> u64 {
     })
 }
 
+/// Hashed users whose argon2 cost is below the decoy's (the most expensive configured).
+fn cheaper_hashed_users(
+    users: &HashMap<String, Credential>,
+    decoy: Option<&Secret>,
+) -> Vec<String> {
+    let Some(top) = decoy.map(argon2_cost) else { return Vec::new() };
+    let mut names: Vec<String> = users
+        .iter()
+        .filter(|(_, credential)| {
+            matches!(credential, Credential::Hashed(phc) if argon2_cost(phc) < top)
+        })
+        .map(|(name, _)| name.clone())
+        .collect();
+    names.sort();
+    names
+}
+
 impl Authenticator {
     pub fn from_config(auth: &AuthConfig) -> Self {
         Self::with_counters(auth, Arc::default())
@@ -187,6 +204,17 @@ impl Authenticator {
                 Credential::Plain(_) => None,
             })
             .max_by_key(|phc| argon2_cost(phc));
+        let cheaper = cheaper_hashed_users(&users, decoy.as_deref());
+        if !cheaper.is_empty() {
+            // Their wrong passwords answer faster than an unknown user's: a timing oracle for
+            // exactly these names. Named so the operator can rehash them.
+            tracing::warn!(
+                users = %crate::logsafe::Escaped(&cheaper.join(", ")),
+                "these users' argon2 hashes use cheaper parameters than others: a client can \
+                 tell them apart from unknown users by timing; hash every password with the \
+                 same parameters"
+            );
+        }
         Authenticator {
             method: auth.method(),
             users,
@@ -325,6 +353,28 @@ mod tests {
         use argon2::password_hash::{PasswordHasher, SaltString};
         let salt = SaltString::from_b64("cG9vbHNvY2tzdGVzdHNhbHQ").expect("salt");
         Argon2::default().hash_password(password, &salt).expect("hash").to_string()
+    }
+
+    #[test]
+    fn hashed_users_cheaper_than_the_decoy_are_named() {
+        use argon2::password_hash::{PasswordHasher, SaltString};
+        let salt = SaltString::from_b64("cG9vbHNvY2tzdGVzdHNhbHQ").expect("salt");
+        let params = argon2::Params::new(8 * 1024, 1, 1, None).expect("params");
+        let cheap = Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params)
+            .hash_password(b"pw", &salt)
+            .expect("hash")
+            .to_string();
+        let users: HashMap<String, Credential> = [
+            ("strong", Secret::new(hash(b"pw"))),
+            ("weak", Secret::new(cheap)),
+            ("plain", Secret::new("s3cret")),
+        ]
+        .into_iter()
+        .map(|(name, secret)| (name.to_string(), Credential::from_secret(&secret)))
+        .collect();
+        let decoy = Secret::new(hash(b"decoy"));
+        assert_eq!(cheaper_hashed_users(&users, Some(&decoy)), vec!["weak".to_string()]);
+        assert!(cheaper_hashed_users(&users, None).is_empty());
     }
 
     #[tokio::test]

@@ -400,7 +400,7 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
     );
 
     let dest = registry.sub_registry_with_prefix("destination");
-    let gauges: [DestSeries; 7] = [
+    let gauges: [DestSeries; 6] = [
         ("idle", "Spares held for the destination", |d| d.idle as u64),
         ("in_use", "Leases outstanding for the destination", |d| d.in_use),
         ("pending_creates", "Background dials in flight for the destination", |d| {
@@ -419,11 +419,6 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         ("speaks_first", "1 when the destination's server sends bytes before the client", |d| {
             u64::from(d.policy.speaks_first)
         }),
-        (
-            "server_idle_limit_seconds",
-            "Idle time after which the server was seen to drop spares (0: none seen)",
-            |d| d.policy.server_idle_limit_ms.map_or(0, |ms| ms / 1000),
-        ),
     ];
     for (name, help, value) in gauges {
         let family = Family::<DestinationLabel, Gauge>::default();
@@ -432,6 +427,17 @@ fn per_destination(registry: &mut Registry, dests: &[DestStats], cap: usize) {
         }
         dest.register(name, help, family);
     }
+    // In seconds as Prometheus wants them, fractions kept: a limit under a second is no 0.
+    let idle_limit = Family::<DestinationLabel, Gauge<f64, AtomicU64>>::default();
+    for d in shown {
+        let seconds = d.policy.server_idle_limit_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+        idle_limit.get_or_create(&label(d)).set(seconds);
+    }
+    dest.register(
+        "server_idle_limit_seconds",
+        "Idle time after which the server was seen to drop spares (0: none seen)",
+        idle_limit,
+    );
     let counters: [DestSeries; 11] = [
         ("created", "Connections opened to the destination", |d| d.counters.created),
         ("reused", "Spares handed out for the destination", |d| d.counters.reused),
