@@ -3,6 +3,7 @@
 pub mod access;
 pub mod config;
 pub mod logsafe;
+pub mod memory;
 pub mod pool;
 pub mod resolve;
 pub mod secret;

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         );
     }
     poolsocks::server::fd_limit::apply(&config);
-    poolsocks::server::memory::return_large_blocks();
+    poolsocks::memory::return_large_blocks();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => {

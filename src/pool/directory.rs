@@ -43,6 +43,10 @@ pub struct Directory;
 /// to find a cold one almost always, without a scan of every destination per new name.
 const EVICTION_SAMPLE: usize = 16;
 
+/// Pruned destinations after which the allocator is asked to give free memory back: each held
+/// about 12 KiB, so a few hundred are worth a trim, and one or two are not.
+const TRIM_AFTER_PRUNED: usize = 256;
+
 pub struct DirectoryArgs {
     pub options: Arc<PoolOptions>,
     pub dialer: Arc<dyn Dialer>,
@@ -250,6 +254,8 @@ pub struct DirectoryState {
     /// Checkouts of a cheap destination that still reached the Directory (a race with its
     /// route being published), answered `Pass`.
     cheap_passes: u64,
+    /// Destinations pruned since the allocator was last asked to give free memory back.
+    pruned_since_trim: usize,
 }
 
 impl Actor for Directory {
@@ -287,6 +293,7 @@ impl Actor for Directory {
             forgotten: 0,
             cheap: CheapDestinations::default(),
             cheap_passes: 0,
+            pruned_since_trim: 0,
             options: args.options,
         })
     }
@@ -614,6 +621,12 @@ impl DirectoryState {
     }
 
     async fn sweep(&mut self) -> SweepReport {
+        if self.pruned_since_trim >= TRIM_AFTER_PRUNED {
+            // Trimmed a pass later: the managers stopped last time have freed their state by
+            // now. Off the actor, which it would otherwise hold up for milliseconds.
+            self.pruned_since_trim = 0;
+            tokio::task::spawn_blocking(crate::memory::give_back_free_memory);
+        }
         let now = Instant::now();
         let mut report = SweepReport::default();
         let targets: Vec<TargetAddr> = self.managers.keys().cloned().collect();
@@ -655,6 +668,7 @@ impl DirectoryState {
                 self.by_id.remove(&manager.get_id());
                 self.retired.add(&stats.counters);
                 self.pruned += 1;
+                self.pruned_since_trim += 1;
                 report.pruned += 1;
                 manager.stop(Some("cold destination pruned".into()));
                 tracing::debug!(%target, "pruned a cold destination");

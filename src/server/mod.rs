@@ -9,7 +9,6 @@ pub mod fd_limit;
 mod handler;
 pub mod limit;
 pub mod login_limit;
-pub mod memory;
 pub mod metrics;
 pub mod proxy_header;
 pub mod relay;

@@ -1,4 +1,6 @@
-//! Keeps large, short-lived blocks (an argon2 check's 19 MiB) out of the allocator's arenas.
+//! The process's memory given back to the system: large, short-lived blocks (an argon2 check's
+//! 19 MiB) kept out of the allocator's arenas, and arenas trimmed after the pool let go of many
+//! destinations at once.
 //!
 //! glibc serves a large `malloc` with its own `mmap` and unmaps it on `free`, but only above a
 //! threshold that it raises, by default, to the size of every such block freed. After the first
@@ -21,6 +23,20 @@ pub fn return_large_blocks() {
             tracing::warn!(
                 "could not fix the allocator's mmap threshold; argon2 memory may stay resident"
             );
+        }
+    }
+}
+
+/// Returns the free memory of every allocator arena to the system (glibc's `malloc_trim`).
+/// Freed small blocks otherwise stay resident: 9,500 pool destinations pruned left RSS at its
+/// peak (121 MiB) for good. It walks the arenas, so it is for rare events, off the reactor.
+pub fn give_back_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: malloc_trim(3) only releases memory the allocator holds free; it takes the
+        // arenas' own locks and has no preconditions.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }
