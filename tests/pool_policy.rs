@@ -304,3 +304,63 @@ async fn a_destination_clearly_busier_than_a_spare_s_own_still_displaces_it() {
     assert!(stats.budget.high_water <= 2);
     pool.shutdown().await;
 }
+
+/// Issue 15: operators keep spares away from servers that log every abandoned connection.
+#[tokio::test]
+async fn excluded_ports_and_networks_get_no_spare_ever() {
+    use poolsocks::config::PortRange;
+    let mut by_port = EchoServer::start_on("127.0.0.5:0").await;
+    let mut by_network = EchoServer::start_on("127.0.0.2:0").await;
+    let mut by_name = EchoServer::start().await;
+    let mut control = EchoServer::start_on("127.0.0.4:0").await;
+    let options = PoolOptions {
+        janitor_period: None,
+        cheap_dial: Duration::ZERO,
+        admission: poolsocks::pool::Admission::Always,
+        exclude_ports: vec![PortRange { first: by_port.addr.port(), last: by_port.addr.port() }],
+        // 127.0.0.1/32 covers `localhost` only once its dial shows where it went.
+        exclude_networks: vec![
+            "127.0.0.2/32".parse().expect("net"),
+            "127.0.0.1/32".parse().expect("net"),
+        ],
+        ..PoolOptions::default()
+    };
+    let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled())
+        .await
+        .expect("pool");
+    let name = TargetAddr::Domain("localhost".into(), by_name.addr.port());
+    let excluded = [TargetAddr::Ip(by_port.addr), TargetAddr::Ip(by_network.addr), name.clone()];
+    for target in &excluded {
+        for _ in 0..10 {
+            let upstream = pool.acquire(target).await.expect("served");
+            assert_eq!(upstream.origin, Origin::Dialed, "{target}");
+            upstream.finish(false);
+        }
+    }
+    let mut view = pool.watch_destination(&name).await.expect("watch");
+    let rest = tokio::time::timeout(Duration::from_secs(10), view.wait_for(|s| s.is_quiet()))
+        .await
+        .expect("quiet")
+        .expect("view")
+        .clone();
+    assert_eq!(rest.policy.reason, TargetReason::Excluded, "{rest:?}");
+    assert_eq!(rest.idle_high_water, 0, "{rest:?}");
+    // Each server saw exactly one connection per session: not one spare.
+    for server in [&mut by_port, &mut by_network, &mut by_name] {
+        for _ in 0..10 {
+            server.accepted.recv().await.expect("accepted");
+        }
+        assert!(server.accepted.try_recv().is_err(), "a spare reached an excluded server");
+    }
+    assert_eq!(pool.stats().await.expect("stats").budget.high_water, 0);
+
+    // The same options do keep spares elsewhere, so the test can tell.
+    let mut spares = pool.watch_budget().await.expect("budget");
+    pool.acquire(&TargetAddr::Ip(control.addr)).await.expect("served").finish(false);
+    let _ = control.accepted.recv().await;
+    tokio::time::timeout(Duration::from_secs(10), spares.wait_for(|b| b.high_water > 0))
+        .await
+        .expect("a spare for a destination not excluded")
+        .expect("budget view");
+    pool.shutdown().await;
+}
