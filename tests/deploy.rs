@@ -43,7 +43,7 @@ fn check_config_file(path: &Path) {
 async fn promtool_accepts_live_metrics_with_the_pool_on_and_traffic() {
     let Some(promtool) = require_tool("promtool") else { return };
     let mut daemon = Daemon::start(
-        "[server]\nbind_port = 0\nproxy_protocol = false\n[server.pool]\nenabled = true\n\
+        "[server]\nbind_port = 0\nproxy_protocol = false\n[server.pool]\nenabled = true\ncheap_dial_us = 0\n\
          [sessions]\nstats_api_enabled = true\nstats_api_port = 0\n",
     );
     let stats = daemon.await_stats_addr();
