@@ -220,6 +220,13 @@ async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config(
     let line = reload(&mut daemon, &zero, "config reload refused");
     assert!(line.contains("server.handshake_timeout_ms") && line.contains("line 3"), "{line}");
 
+    // A file that is gone (a deploy tool replacing it non-atomically): refused, still serving.
+    std::fs::remove_file(daemon.config_path()).expect("remove config");
+    daemon.signal(libc::SIGHUP);
+    let line = daemon.await_log("config reload refused");
+    assert!(line.contains("cannot read config file"), "{line}");
+    assert!(serves(daemon.addr, echo.addr).await, "still serving without its file");
+
     // A changed listener port: refused as a whole, naming the key; the other change is not
     // applied either.
     let moved = base.replace("bind_port = 0\n", "bind_port = 1081\nmax_connections = 1\n");
@@ -228,7 +235,7 @@ async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config(
     assert!(!line.contains("max_connections"), "only the key that needs a restart: {line}");
     let status = pool_stats(stats).await;
     assert_eq!(status["config_reload"]["last_reload_successful"], false);
-    assert_eq!(status["config_reload"]["reloads_refused"], 3);
+    assert_eq!(status["config_reload"]["reloads_refused"], 4);
     assert!(status["config_reload"]["last_reload_error"]
         .as_str()
         .is_some_and(|e| e.contains("server.bind_port")));
@@ -250,7 +257,7 @@ async fn an_invalid_file_or_a_new_bind_port_leaves_the_daemon_on_its_old_config(
     assert!(line.contains("server.max_connections"), "{line}");
     let metrics = http_get(stats, "/metrics").await;
     assert!(gauge(&metrics).ends_with(" 1"));
-    assert!(metrics.contains("poolsocks_config_reloads_refused_total 3"), "{metrics}");
+    assert!(metrics.contains("poolsocks_config_reloads_refused_total 4"), "{metrics}");
     assert!(metrics.contains("poolsocks_config_info{hash=\""), "the hash is exposed");
     let status = pool_stats(stats).await;
     assert_eq!(status["config"]["server"]["max_connections"], 500);
