@@ -34,6 +34,17 @@ async fn wildcard_upstream() -> (u16, Arc<AtomicUsize>) {
     (port, accepted)
 }
 
+/// A destination's published view once its manager is quiet (nothing pending or in use).
+async fn at_rest(pool: &Pool, target: &TargetAddr) -> poolsocks::pool::DestStats {
+    let mut view = pool.watch_destination(target).await.expect("watch");
+    let quiet = tokio::time::timeout(Duration::from_secs(10), view.wait_for(|s| s.is_quiet()))
+        .await
+        .expect("quiet")
+        .expect("view")
+        .clone();
+    quiet
+}
+
 fn destination(n: usize, port: u16) -> TargetAddr {
     let ip = Ipv4Addr::new(127, 3, (n / 250) as u8, (n % 250) as u8 + 1);
     TargetAddr::Ip(SocketAddr::new(ip.into(), port))
@@ -198,12 +209,7 @@ async fn a_cheap_destination_that_turns_distant_is_pooled_again() {
     for _ in 0..3 {
         pool.acquire(&target).await.expect("served").finish(false);
     }
-    let mut view = pool.watch_destination(&target).await.expect("watch");
-    let rest = tokio::time::timeout(Duration::from_secs(10), view.wait_for(|s| s.is_quiet()))
-        .await
-        .expect("quiet")
-        .expect("view")
-        .clone();
+    let rest = at_rest(&pool, &target).await;
     assert_ne!(rest.policy.reason, TargetReason::CheapDial, "{rest:?}");
     assert!(rest.refill.dial_time_ms.is_some_and(|ms| ms >= 20.0), "{rest:?}");
     pool.shutdown().await;
@@ -225,12 +231,7 @@ async fn a_connect_that_fails_starts_no_background_dial() {
         let failed = pool.acquire(&refused).await;
         assert!(matches!(failed, Err(ConnectError::Io { .. })), "refused");
     }
-    let mut view = pool.watch_destination(&refused).await.expect("watch");
-    let rest = tokio::time::timeout(Duration::from_secs(10), view.wait_for(|s| s.is_quiet()))
-        .await
-        .expect("quiet")
-        .expect("view")
-        .clone();
+    let rest = at_rest(&pool, &refused).await;
     // Four misses (after the first sighting), each the client's own dial; none started a spare.
     assert_eq!(rest.counters.connect_failures, 4, "{rest:?}");
     assert!(!rest.backing_off, "no background dial failed: {rest:?}");
@@ -337,12 +338,7 @@ async fn excluded_ports_and_networks_get_no_spare_ever() {
             upstream.finish(false);
         }
     }
-    let mut view = pool.watch_destination(&name).await.expect("watch");
-    let rest = tokio::time::timeout(Duration::from_secs(10), view.wait_for(|s| s.is_quiet()))
-        .await
-        .expect("quiet")
-        .expect("view")
-        .clone();
+    let rest = at_rest(&pool, &name).await;
     assert_eq!(rest.policy.reason, TargetReason::Excluded, "{rest:?}");
     assert_eq!(rest.idle_high_water, 0, "{rest:?}");
     // Each server saw exactly one connection per session: not one spare.
