@@ -118,9 +118,9 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
     }
     let _ = writeln!(
         md,
-        "Each configuration ran {} time(s), rounds interleaved; \"best\" is the best round, \
-         latencies are from that round, spread is min–max over rounds. Ratios compare best \
-         figures from this one run.\n",
+        "Each configuration ran {} time(s), rounds interleaved (each round starts one \
+         configuration later); \"best\" is the best round, latencies are from that round, \
+         spread is min–max over rounds. Ratios compare best figures from this one run.\n",
         records.iter().map(|r| r.round).max().unwrap_or(1)
     );
     for ((_, requests_per_session, payload_bytes), group_records) in &variants {

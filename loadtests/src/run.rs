@@ -87,6 +87,13 @@ pub struct RunArgs {
     /// finishes.
     #[arg(long, value_parser = parse_phases)]
     pub phases: Option<Phases>,
+    /// Offered load instead of a closed loop: sessions per second over all clients, client i
+    /// starting its k-th session at (k + i / c) * c / RATE s. Latencies at one rate that every
+    /// configuration can carry compare what each adds to a session, not how deep its queue is
+    /// at saturation (where latency is clients / throughput). A client that falls behind
+    /// starts its next session at once; the rate reached is in the record.
+    #[arg(long, conflicts_with = "phases")]
+    pub rate: Option<f64>,
     /// Stop after this many sessions in all (warm-up included), e.g. for a syscall count per
     /// session; -d still bounds the run.
     #[arg(long)]
@@ -169,6 +176,9 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
     if concurrency == 0 || total_secs <= args.warmup || args.warmup < 0.0 {
         return Err("concurrency and duration must be positive".into());
     }
+    if args.rate.is_some_and(|rate| !(rate > 0.0 && rate.is_finite())) {
+        return Err("--rate must be a positive number of sessions per second".into());
+    }
     if args.sample_interval_ms == 0 {
         return Err("--sample-interval-ms must be positive".into());
     }
@@ -216,6 +226,13 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
             schedule: schedule.clone(),
             session_limit: args.sessions,
             log: args.session_log,
+            pace: args.rate.map(|rate| {
+                let interval = concurrency as f64 / rate;
+                Pace {
+                    first: Duration::from_secs_f64(interval * index as f64 / concurrency as f64),
+                    interval: Duration::from_secs_f64(interval),
+                }
+            }),
         };
         workers.push(tokio::spawn(worker.run()));
     }
@@ -352,6 +369,15 @@ struct Worker {
     session_limit: Option<u64>,
     /// `--session-log`.
     log: bool,
+    /// `--rate`: this client's own timetable.
+    pace: Option<Pace>,
+}
+
+/// When one client of `--rate` starts its sessions: at `first`, then every `interval`.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    first: Duration,
+    interval: Duration,
 }
 
 impl Worker {
@@ -365,8 +391,17 @@ impl Worker {
             log: Vec::new(),
         };
         let mut buf = ReadBuf::default();
+        let mut due = self.pace.map(|pace| self.t0 + pace.first);
         // Bounded: no session starts after `end`, and each is cut off at `timeout`.
         while Instant::now() < self.end {
+            if let (Some(at), Some(pace)) = (due.as_mut(), self.pace) {
+                if *at >= self.end {
+                    break;
+                }
+                tokio::time::sleep_until((*at).into()).await;
+                // Behind schedule (a slow session): start now, and never burst to catch up.
+                *at = (*at + pace.interval).max(Instant::now());
+            }
             if let Some(schedule) = &self.schedule {
                 let now = self.t0.elapsed().as_secs_f64();
                 match schedule.next_turn(self.index, now) {

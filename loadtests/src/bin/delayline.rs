@@ -42,6 +42,11 @@ struct Args {
     /// Packets queued per direction before new ones are dropped, as a router queue would.
     #[arg(long, default_value_t = 65_536)]
     queue: usize,
+    /// Run the forwarding threads at this SCHED_FIFO priority (0: ordinary threads). A real
+    /// link does not wait for CPU the hosts under test are using; on a 2-core machine an
+    /// ordinary thread does, and its late wake-ups show up as every proxy's tail latency.
+    #[arg(long, default_value_t = 10)]
+    realtime_priority: i32,
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -81,13 +86,20 @@ fn run(args: Args) -> Result<(), String> {
         let (tx, rx) = sync_channel(args.queue.max(1));
         let stats_in = stats.clone();
         let stats_out = stats.clone();
+        let priority = args.realtime_priority;
         thread::Builder::new()
             .name(format!("{name} in"))
-            .spawn(move || read_side(reader, tx, one_way, &stats_in))
+            .spawn(move || {
+                make_realtime(priority);
+                read_side(reader, tx, one_way, &stats_in)
+            })
             .map_err(|e| e.to_string())?;
         thread::Builder::new()
             .name(format!("{name} out"))
-            .spawn(move || write_side(writer, rx, &stats_out))
+            .spawn(move || {
+                make_realtime(priority);
+                write_side(writer, rx, &stats_out)
+            })
             .map_err(|e| e.to_string())?;
     }
 
@@ -111,6 +123,23 @@ fn run(args: Args) -> Result<(), String> {
     );
     // Exiting closes the TUN descriptors, and with them the devices.
     std::process::exit(0);
+}
+
+/// Puts the calling thread in SCHED_FIFO at `priority` (no-op for 0). It falls back to an
+/// ordinary thread with a warning: the line still works, with a looser delay.
+fn make_realtime(priority: i32) {
+    if priority <= 0 {
+        return;
+    }
+    let param = libc::sched_param { sched_priority: priority };
+    // SAFETY: pid 0 is the calling thread; `param` outlives the call.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        eprintln!(
+            "delayline: SCHED_FIFO {priority} refused ({}); forwarding at normal priority",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 #[derive(Default)]
