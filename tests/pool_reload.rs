@@ -1,7 +1,7 @@
 //! The pool taking a reloaded config by message, at the actor level: the budget lowering
 //! `max_total_idle` with reservations in flight, managers trimming to a lower per-destination
-//! limit, spares closed when the rules deny their peer, and the pool turned off and on through
-//! a running server. Spares are counted at the upstream servers.
+//! limit, spares closed when the rules deny their peer or a port is newly excluded, and the
+//! pool turned off and on through a running server. Spares are counted at the upstream servers.
 
 mod common;
 
@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use poolsocks::access::AccessPolicy;
-use poolsocks::config::{Config, PoolConfig};
+use poolsocks::config::{Config, PoolConfig, PortRange};
 use poolsocks::pool::{Admission, BudgetStats, Pool, PoolOptions, RefillMode};
 use poolsocks::resolve::StaticResolver;
 use poolsocks::socks::{ReplyCode, TargetAddr};
@@ -238,6 +238,48 @@ async fn spares_whose_peer_the_new_rules_deny_are_closed() {
     let stats = pool.stats().await.expect("stats");
     assert_eq!((stats.total_idle, stats.closed_by_rules), (1, 2));
     assert_eq!(stats.budget.pooled, 1);
+    pool.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spares_of_a_newly_excluded_port_are_closed_and_none_come_back() {
+    let mut upstreams = Upstreams::start(2).await;
+    let (excluded, kept) = (TargetAddr::Ip(upstreams.addrs[0]), TargetAddr::Ip(upstreams.addrs[1]));
+    let pool = Pool::spawn(
+        options(4, 100, RefillMode::Off),
+        Arc::new(TcpDialer::new()),
+        Telemetry::disabled(),
+    )
+    .await
+    .expect("pool");
+    spares_by_return(&pool, &excluded, 2).await;
+    spares_by_return(&pool, &kept, 1).await;
+    upstreams.await_open(3).await;
+
+    let port = upstreams.addrs[0].port();
+    let mut reloaded = options(4, 100, RefillMode::Off);
+    reloaded.exclude_ports = vec![PortRange { first: port, last: port }];
+    pool.reconfigure(reloaded).await.expect("reconfigure");
+    // Counted where the spares were held: only the kept destination's is still open.
+    upstreams.await_open(1).await;
+    let mut view = pool.watch_destination(&excluded).await.expect("watch");
+    let waited = tokio::time::timeout(PATIENCE, view.wait_for(|d| d.idle == 0));
+    assert!(matches!(waited.await, Ok(Ok(_))), "{:?}", *view.borrow());
+    assert_eq!(view.borrow().counters.closed_by_rules, 2);
+    let mut budget = pool.watch_budget().await.expect("watch budget");
+    wait_budget(&mut budget, |b| b.pooled == 1).await;
+
+    // An untouched return to the excluded port is closed, not kept as a spare.
+    let upstream = pool.acquire(&excluded).await.expect("acquire");
+    assert_eq!(upstream.origin, Origin::Dialed);
+    upstream.finish(true);
+    upstreams.await_open(1).await;
+    let stats = pool.stats().await.expect("stats");
+    assert_eq!((stats.total_idle, stats.budget.pooled), (1, 1), "{stats:?}");
+    // The other destination's spare is handed out as before.
+    let upstream = pool.acquire(&kept).await.expect("acquire");
+    assert_eq!(upstream.origin, Origin::Pooled);
+    upstream.finish(false);
     pool.shutdown().await;
 }
 
