@@ -82,11 +82,28 @@ impl Group<'_> {
             let (a, b) = (Self::metric(a), Self::metric(b));
             a.partial_cmp(&b).unwrap_or(std::cmp::Ordering::Equal)
         };
-        if self.lower_is_better() {
+        if self.runs.first().is_some_and(|r| r.offered_rate.is_some()) {
+            // At an offered rate every round carries the same load: the best round is the one
+            // that added the least latency.
+            let p99 = |r: &&&RunRecord| r.session_latency.as_ref().map_or(u64::MAX, |l| l.p99_us);
+            self.runs.iter().min_by_key(p99).copied()
+        } else if self.lower_is_better() {
             // A run that held (or traced) nothing has no meaningful per-session figure.
             self.runs.iter().filter(|r| r.held > 0 || r.traced_sessions > 0).min_by(better).copied()
         } else {
             self.runs.iter().max_by(better).copied()
+        }
+    }
+
+    /// The median round's figure (the mean of the middle two for an even count): one lucky or
+    /// unlucky round on a shared VM moves it less than it moves the best.
+    fn median(&self) -> f64 {
+        let mut values: Vec<f64> = self.runs.iter().map(|r| Self::metric(r)).collect();
+        values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        match values.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => values[n / 2],
+            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
         }
     }
 
@@ -120,8 +137,15 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
         md,
         "Each configuration ran {} time(s), rounds interleaved (each round starts one \
          configuration later); \"best\" is the best round, latencies are from that round, \
-         spread is min–max over rounds. Ratios compare best figures from this one run.\n",
-        records.iter().map(|r| r.round).max().unwrap_or(1)
+         spread is min–max over rounds, median is the middle round's figure. Ratios compare \
+         best figures from this one run (and, where marked, the medians).{}\n",
+        records.iter().map(|r| r.round).max().unwrap_or(1),
+        if records.iter().any(|r| r.offered_rate.is_some()) {
+            " At an offered rate (`loadgen run --rate`) every round carries the same load, so \
+             the best round is the one with the lowest p99."
+        } else {
+            ""
+        }
     );
     for ((_, requests_per_session, payload_bytes), group_records) in &variants {
         let groups = group(group_records);
@@ -267,12 +291,12 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
     let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) | p99 (RTT) |" } else { "" };
     let _ = writeln!(
         md,
-        "| config | rounds | best rps | spread rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | mean idle held | budget high water | idle after load | cold ramp: hits in 1st s | hit rate after 1st s | errors |",
+        "| config | rounds | best rps | spread rps | median rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | mean idle held | budget high water | idle after load | cold ramp: hits in 1st s | hit rate after 1st s | errors |",
         args.baseline, args.pool_off
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|---|---|",
         if args.rtt_ms.is_some() { "---|---|" } else { "" }
     );
     for group in groups {
@@ -286,12 +310,13 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0}–{:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {} | {} | {} | {} | {} | {} | {} | {} |",
             group.label,
             group.runs.len(),
             best.rps,
             min,
             max,
+            group.median(),
             ratio(groups, group, &args.baseline),
             ratio(groups, group, &args.pool_off),
             ms(lat.p50_us),
@@ -338,12 +363,21 @@ fn conns_per_session(record: &RunRecord) -> String {
 /// Issue 18's comparisons, where both sides ran: best rounds of this one run.
 fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
     let find = |label: &str| groups.iter().find(|g| g.label == label).and_then(|g| g.best());
+    let median = |label: &str| groups.iter().find(|g| g.label == label).map(Group::median);
+    // Best rounds' rps ratio, then the medians' (more robust to one odd round).
+    let rps_ratio = |ours: &str, ours_best: &RunRecord, theirs: &str, theirs_best: &RunRecord| {
+        let best = ours_best.rps / theirs_best.rps.max(f64::MIN_POSITIVE);
+        match (median(ours), median(theirs)) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{best:.2}x (medians {:.2}x)", a / b),
+            _ => format!("{best:.2}x"),
+        }
+    };
     let p99 = |r: &RunRecord| r.session_latency.as_ref().map_or(0, |l| l.p99_us) as f64;
     let mut lines = Vec::new();
     if let (Some(off), Some(relay)) = (find("pool-off"), find("minirelay")) {
         lines.push(format!(
-            "pool-off / minirelay: rps {:.2}x, p99 {:.2}x",
-            off.rps / relay.rps.max(f64::MIN_POSITIVE),
+            "pool-off / minirelay: rps {}, p99 {:.2}x",
+            rps_ratio("pool-off", off, "minirelay", relay),
             p99(off) / p99(relay).max(1.0)
         ));
     }
@@ -353,8 +387,8 @@ fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
     for on in ["pool-default", "pool-tuned"] {
         if let (Some(on_record), Some(off)) = (find(on), find("pool-off")) {
             lines.push(format!(
-                "{on} / pool-off: rps {:.2}x, upstream conns / session {}",
-                on_record.rps / off.rps.max(f64::MIN_POSITIVE),
+                "{on} / pool-off: rps {}, upstream conns / session {}",
+                rps_ratio(on, on_record, "pool-off", off),
                 conns_per_session(on_record)
             ));
         }
@@ -367,8 +401,8 @@ fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
             String::new()
         };
         lines.push(format!(
-            "pool-tuned / fixedpool: rps {:.2}x, p99 {:.2}x{rtts}, mean idle held {} vs {}, hit rate after 1st s {} vs {}",
-            tuned.rps / fixed.rps.max(f64::MIN_POSITIVE),
+            "pool-tuned / fixedpool: rps {}, p99 {:.2}x{rtts}, mean idle held {} vs {}, hit rate after 1st s {} vs {}",
+            rps_ratio("pool-tuned", tuned, "fixedpool", fixed),
             p99(tuned) / p99(fixed).max(1.0),
             mean_idle_text(tuned),
             mean_idle_text(fixed),

@@ -327,6 +327,7 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
         errors,
         rps: requests as f64 / elapsed,
         sessions_per_sec: sessions as f64 / elapsed,
+        offered_rate: args.rate,
         session_latency: Latency::from_histogram(&session_hist),
         request_latency: Latency::from_histogram(&request_hist),
         upstream,

@@ -98,6 +98,8 @@ pub struct RunRecord {
     pub errors: BTreeMap<String, u64>,
     pub rps: f64,
     pub sessions_per_sec: f64,
+    /// `loadgen run --rate`: the sessions per second offered (none for a closed loop).
+    pub offered_rate: Option<f64>,
     pub session_latency: Option<Latency>,
     pub request_latency: Option<Latency>,
     /// Upstream counters during the measured window (after minus before).
