@@ -156,6 +156,13 @@ async fn lowering_max_total_idle_evicts_down_to_it_with_reservations_in_flight()
     pool.shutdown().await;
 }
 
+/// A pool whose spares come only from untouched returns: 4 per destination, 100 in all.
+async fn pool_of_returns_only() -> Pool {
+    Pool::spawn(options(4, 100, RefillMode::Off), Arc::new(TcpDialer::new()), Telemetry::disabled())
+        .await
+        .expect("pool")
+}
+
 /// `count` spares to `target`, from untouched returns (no background dials).
 async fn spares_by_return(pool: &Pool, target: &TargetAddr, count: usize) {
     let mut sessions = Vec::new();
@@ -177,13 +184,7 @@ async fn spares_by_return(pool: &Pool, target: &TargetAddr, count: usize) {
 async fn a_lower_per_destination_limit_trims_the_oldest_spares() {
     let mut upstreams = Upstreams::start(1).await;
     let target = TargetAddr::Ip(upstreams.addrs[0]);
-    let pool = Pool::spawn(
-        options(4, 100, RefillMode::Off),
-        Arc::new(TcpDialer::new()),
-        Telemetry::disabled(),
-    )
-    .await
-    .expect("pool");
+    let pool = pool_of_returns_only().await;
     spares_by_return(&pool, &target, 4).await;
     upstreams.await_open(4).await;
 
@@ -245,13 +246,7 @@ async fn spares_whose_peer_the_new_rules_deny_are_closed() {
 async fn spares_of_a_newly_excluded_port_are_closed_and_none_come_back() {
     let mut upstreams = Upstreams::start(2).await;
     let (excluded, kept) = (TargetAddr::Ip(upstreams.addrs[0]), TargetAddr::Ip(upstreams.addrs[1]));
-    let pool = Pool::spawn(
-        options(4, 100, RefillMode::Off),
-        Arc::new(TcpDialer::new()),
-        Telemetry::disabled(),
-    )
-    .await
-    .expect("pool");
+    let pool = pool_of_returns_only().await;
     spares_by_return(&pool, &excluded, 2).await;
     spares_by_return(&pool, &kept, 1).await;
     upstreams.await_open(3).await;
