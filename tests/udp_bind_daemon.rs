@@ -150,10 +150,13 @@ async fn hostile_datagrams_are_dropped_and_counted_with_memory_flat() {
     fragment[2] = 1;
     let oversized = vec![7u8; 65_507];
     let rounds = 2_000;
-    // Bursts paced by a round trip, so no datagram is lost in a kernel buffer and every drop
-    // can be counted exactly: the relay socket handles its datagrams in order. A burst stays
-    // far below the relay socket's receive buffer (~208 KiB of skb truesize): bursts of 25
-    // overflowed it on a busy CI machine (19,822 of 20,000 foreign datagrams arrived).
+    // Bursts paced by a round trip through both of the association's sockets, so no datagram
+    // is lost in a kernel buffer and every drop can be counted exactly: each socket's
+    // datagrams are handled in order, so the echo's answer comes back only after the proxy
+    // has read every datagram sent before it, on the relay socket (client to destination)
+    // and on the outbound socket (its answer). Pacing by a datagram to the outbound socket
+    // alone let the relay socket fall behind on a busy CI machine (19,910 of 20,000 foreign
+    // datagrams arrived), and so did bursts of 25 (19,822).
     let per_round = 5;
     for _ in 0..rounds {
         for _ in 0..per_round {
@@ -165,9 +168,7 @@ async fn hostile_datagrams_are_dropped_and_counted_with_memory_flat() {
         for _ in 0..2 {
             big.send_to(&oversized, outbound).await.expect("send big");
         }
-        big.send_to(b"sync", outbound).await.expect("send");
-        let (_, _, payload) = association.recv().await;
-        assert_eq!(payload, b"sync");
+        assert_eq!(association.round_trip(to(echo.addr), b"sync", echo.addr).await, b"sync");
     }
     assert_eq!(association.round_trip(to(echo.addr), b"after", echo.addr).await, b"after");
     let (rss_after, fds_after) = (rss_kib(pid), fd_count(pid));
