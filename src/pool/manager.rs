@@ -186,7 +186,7 @@ impl ManagerState {
                 self.unanswered = Some((reply, checkout));
             }
             ManagerMsg::Release { returned, hit, outcome, held } => {
-                self.refill.observe_session(held);
+                self.refill.observe_session(held, hit && outcome == LeaseOutcome::Served);
                 match outcome {
                     LeaseOutcome::Served if hit => self.counters.hits += 1,
                     LeaseOutcome::Stale => self.counters.stale_checkouts += 1,

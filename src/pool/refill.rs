@@ -20,6 +20,13 @@
 //! release). When 30 clients arrive at once, `in_use` jumps at once, and so does the target:
 //! the misses of that first round start the dials that serve the second. The demand used is the
 //! larger of the two estimates, so the slow one carries the target through short lulls.
+//!
+//! `S` is the duration of sessions served by a spare, when there have been some: the target
+//! supplies spares so that sessions become such sessions. Averaged over every session, the
+//! misses of a step (a dial longer each) doubled `S` at 10 ms RTT just as the spares made the
+//! next sessions hits; the rate estimate halved, the target with it, and a second wave of
+//! misses came one round later (the committed step-demand run: 12 of 29 hits 50 ms after the
+//! step). Sessions served by a spare last the same before and after a step.
 
 use std::time::Duration;
 
@@ -71,6 +78,8 @@ pub struct RefillStats {
     pub dial_time_ms: Option<f64>,
     /// Average recent session duration (checkout to release) in milliseconds.
     pub session_ms: Option<f64>,
+    /// The same over sessions a spare served: the `S` of the concurrency estimate when known.
+    pub spare_session_ms: Option<f64>,
     /// `checkouts_per_sec × dial time`: spares in flight by Little's law, before headroom.
     pub demand_spares: f64,
 }
@@ -87,6 +96,8 @@ pub struct RefillTarget {
     dial_secs: Option<f64>,
     /// Moving average of a session's duration, from checkout to release.
     session_secs: Option<f64>,
+    /// The same over sessions served by a spare (see the module docs).
+    spare_session_secs: Option<f64>,
 }
 
 impl RefillTarget {
@@ -99,6 +110,7 @@ impl RefillTarget {
             rate_at: None,
             dial_secs: None,
             session_secs: None,
+            spare_session_secs: None,
         }
     }
 
@@ -139,13 +151,19 @@ impl RefillTarget {
         });
     }
 
-    /// A session ended `held` after its checkout.
-    pub fn observe_session(&mut self, held: Duration) {
+    /// A session ended `held` after its checkout; `through_spare` if a spare served it.
+    pub fn observe_session(&mut self, held: Duration, through_spare: bool) {
         let held = held.as_secs_f64();
-        self.session_secs = Some(match self.session_secs {
-            Some(avg) => avg + SESSION_WEIGHT * (held - avg),
-            None => held,
-        });
+        let update = |average: Option<f64>| {
+            Some(match average {
+                Some(avg) => avg + SESSION_WEIGHT * (held - avg),
+                None => held,
+            })
+        };
+        self.session_secs = update(self.session_secs);
+        if through_spare {
+            self.spare_session_secs = update(self.spare_session_secs);
+        }
     }
 
     /// The average dial time measured so far.
@@ -169,7 +187,7 @@ impl RefillTarget {
     /// counted: alone, it says nothing about concurrency, and a lone client with pauses between
     /// short sessions would otherwise look like a busy one.
     fn concurrent_rate(&self, in_use: u64) -> f64 {
-        match self.session_secs {
+        match self.spare_session_secs.or(self.session_secs) {
             Some(held) if held > 0.0 => in_use.saturating_sub(1) as f64 / held,
             _ => 0.0,
         }
@@ -224,6 +242,7 @@ impl RefillTarget {
             checkouts_per_sec: self.rate_at(now),
             dial_time_ms: self.dial_secs.map(|s| s * 1000.0),
             session_ms: self.session_secs.map(|s| s * 1000.0),
+            spare_session_ms: self.spare_session_secs.map(|s| s * 1000.0),
             demand_spares: self.demand_spares(now, in_use),
         }
     }
@@ -396,7 +415,7 @@ mod tests {
         let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
         for _ in 0..10 {
             target.observe_dial(Duration::from_millis(10));
-            target.observe_session(Duration::from_millis(10));
+            target.observe_session(Duration::from_millis(10), true);
         }
         // Two clients in a closed loop, one 10 ms session after another: 200 checkouts/s.
         let end = steady(&mut target, start, 200, 10);
@@ -408,6 +427,36 @@ mod tests {
         assert_eq!(stepped, 43, "the target follows the sessions in use at once");
         // And it falls with them, but only as fast as the slow estimate allows.
         assert_eq!(target.target(end, 2), calm);
+    }
+
+    #[test]
+    fn the_misses_of_a_step_do_not_lower_the_target_they_asked_for() {
+        let start = Instant::now();
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        for _ in 0..10 {
+            target.observe_dial(Duration::from_millis(10));
+            target.observe_session(Duration::from_millis(10), true);
+        }
+        let end = steady(&mut target, start, 200, 10);
+        // 30 clients arrive and miss: each session dials, 20 ms instead of 10.
+        for _ in 0..30 {
+            target.observe_session(Duration::from_millis(20), false);
+        }
+        // The spares they started now serve 32 clients at 10 ms a session: still 43 wanted
+        // (averaged over every session, S would be ~19.6 ms and the target 24).
+        assert_eq!(target.target(end, 32), 43);
+        let stats = target.stats(end, 32);
+        assert!(stats.session_ms.is_some_and(|ms| ms > 19.0), "{stats:?}");
+        assert!(stats.spare_session_ms.is_some_and(|ms| (ms - 10.0).abs() < 1e-6), "{stats:?}");
+    }
+
+    #[test]
+    fn without_a_spare_served_session_every_session_gives_the_duration() {
+        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
+        target.observe_dial(Duration::from_millis(10));
+        target.observe_session(Duration::from_millis(20), false);
+        // 31 others / 20 ms = 1,550/s; x 10 ms = 15.5, + 2 sqrt(15.5) -> 24.
+        assert_eq!(target.target(Instant::now(), 32), 24);
     }
 
     #[test]
