@@ -630,6 +630,10 @@ fn after_step(ms_after: Option<f64>, rtt_ms: Option<f64>) -> String {
 /// (connect, then the request), one through a spare ~1 RTT; below this many RTTs it was a hit.
 const FAST_SESSION_RTTS: f64 = 1.75;
 
+/// Client-side bins of session start times, in RTTs: two, so a bin holds a round of sessions
+/// (a hit's and a miss's) and the step's figure is good to 2 RTT (50 ms bins were 5 RTT at 10 ms).
+const CLIENT_BIN_RTTS: f64 = 2.0;
+
 fn step_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
     let Some(first) = groups.iter().find_map(|g| g.best()) else { return };
     let Some((up, down)) = timeline::step_times(first) else {
@@ -672,7 +676,7 @@ fn step_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
                     up,
                     down,
                     FAST_SESSION_RTTS * 1000.0 * rtt,
-                    50.0,
+                    CLIENT_BIN_RTTS * rtt,
                     0.95,
                 ),
                 args.rtt_ms,
@@ -716,7 +720,7 @@ fn step_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
          hits are >= 95% both in that window and over the rest of the stepped-up phase. Proxy \
          counters: windows between successive stats samples ({interval} ms apart; poolsocks \
          serves its pool counters from a cache up to 250 ms old, so its figure is good to about \
-         250 ms, and a repeated sample is dropped). Client side: 50 ms bins of session start \
+         250 ms, and a repeated sample is dropped). Client side: bins of {CLIENT_BIN_RTTS} RTT of session start \
          times, a session through a spare takes ~1 RTT and one that dials at least 2 RTT, so a \
          session under 1.75 RTT counts as a hit (a dial cannot be that fast; a hit slowed by a \
          busy CPU may be slower, so this errs late; works for any proxy, and is finer). \"Idle after the \
