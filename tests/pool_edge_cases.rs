@@ -210,6 +210,29 @@ impl Dialer for ScriptedDialer {
     }
 }
 
+/// Dials like `TcpDialer`, and refuses the next `refusals` checks of a connection's peer
+/// against the rules: the answer a reload that denies the destination would give.
+#[derive(Default)]
+struct RefusingDialer {
+    refusals: AtomicUsize,
+}
+
+impl Dialer for RefusingDialer {
+    fn dial(
+        &self,
+        target: TargetAddr,
+        limits: DialLimits,
+    ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
+        TcpDialer::new().dial(target, limits)
+    }
+
+    fn still_allowed(&self, _target: &TargetAddr, _peer: SocketAddr) -> bool {
+        self.refusals
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_err()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pool helpers.
 
@@ -399,6 +422,41 @@ async fn peer_closed_spares_are_never_handed_out() {
     let stats = wait_dest(&pool, &target, "the close noticed", |s| s.idle == 0).await;
     assert_eq!(stats.counters.peer_closed + stats.counters.validation_drops, 2);
     assert_settled(&pool, &[&server]).await;
+}
+
+#[tokio::test]
+async fn a_spare_found_unusable_at_hand_out_is_closed_counted_stale_and_the_client_dials() {
+    let server = UpstreamServer::start(None).await;
+    let dialer = Arc::new(RefusingDialer::default());
+    let mut opts = options();
+    // No background dials: the only spare is the untouched return below.
+    opts.refill = RefillMode::Off;
+    let (pool, _) = spawn_with(opts, dialer.clone()).await;
+    let target = server.target();
+
+    let untouched = pool.acquire(&target).await.unwrap();
+    let spare_index = server.index_of(&untouched.stream).await;
+    untouched.finish(true);
+    wait_dest(&pool, &target, "the untouched one pooled", |s| s.idle == 1 && s.is_quiet()).await;
+
+    // The manager hands the spare out; the handler's own check (rules changed since it was
+    // pooled) refuses it: closed, and this client dials for itself.
+    dialer.refusals.store(1, Ordering::SeqCst);
+    let mut next = pool.acquire(&target).await.unwrap();
+    assert_eq!(next.origin, Origin::Dialed, "the refused spare was handed out");
+    assert_ne!(who(&mut next.stream).await, spare_index);
+    assert_eq!(dialer.refusals.load(Ordering::SeqCst), 0, "the hand-out check was asked");
+    server.wait_live(|live| *live == 1).await;
+    next.finish(false);
+
+    assert_settled(&pool, &[&server]).await;
+    let stats = pool.stats().await.unwrap();
+    assert_eq!(stats.stale_checkouts, 1, "{stats:#?}");
+    // Handed out once, a hit never: the client was served by its own dial (the second miss).
+    let counts = (stats.total_reused, stats.pool_hits, stats.pool_misses);
+    assert_eq!(counts, (1, 0, 2), "{stats:#?}");
+    assert_eq!(server.accepted(), 2);
+    assert_eq!(stats.total_idle, 0);
 }
 
 #[tokio::test]
