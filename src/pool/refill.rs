@@ -409,16 +409,22 @@ mod tests {
         assert_eq!(target.keep_at_most(end + RATE_WINDOW * 10, 0), 1);
     }
 
-    #[test]
-    fn a_step_in_concurrency_raises_the_target_at_once() {
+    /// Dials and sessions of 10 ms, two clients in a closed loop, one session after another:
+    /// 200 checkouts/s. Returns the target and the end of that steady demand.
+    fn two_clients_of_10ms_sessions() -> (RefillTarget, Instant) {
         let start = Instant::now();
         let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
         for _ in 0..10 {
             target.observe_dial(Duration::from_millis(10));
             target.observe_session(Duration::from_millis(10), true);
         }
-        // Two clients in a closed loop, one 10 ms session after another: 200 checkouts/s.
         let end = steady(&mut target, start, 200, 10);
+        (target, end)
+    }
+
+    #[test]
+    fn a_step_in_concurrency_raises_the_target_at_once() {
+        let (target, end) = two_clients_of_10ms_sessions();
         let calm = target.target(end, 2);
         assert!(calm <= 7, "{calm}");
         // 30 more arrive: before the 2-s rate has moved, 32 sessions are in use.
@@ -431,13 +437,7 @@ mod tests {
 
     #[test]
     fn the_misses_of_a_step_do_not_lower_the_target_they_asked_for() {
-        let start = Instant::now();
-        let mut target = RefillTarget::new(RefillMode::Adaptive, 64);
-        for _ in 0..10 {
-            target.observe_dial(Duration::from_millis(10));
-            target.observe_session(Duration::from_millis(10), true);
-        }
-        let end = steady(&mut target, start, 200, 10);
+        let (mut target, end) = two_clients_of_10ms_sessions();
         // 30 clients arrive and miss: each session dials, 20 ms instead of 10.
         for _ in 0..30 {
             target.observe_session(Duration::from_millis(20), false);
