@@ -96,11 +96,14 @@ async fn serve(
     let server = poolsocks::server::Server::build(config).await?.with_log_level_hook(log_level);
     // Watched before "listening" is logged: SIGHUP's default action would end the process.
     watch_sighup(server.reloader(), path);
+    // Also before "listening": until its handler is installed, SIGTERM's default action kills
+    // the process at once, without a drain (a stop right after start did exactly that).
+    let shutdown = shutdown_signal();
     if let Ok(addr) = listener.local_addr() {
         // Tests and scripts read this line to learn the port when bind_port = 0.
         info!(%addr, pool, "listening");
     }
-    server.run(listener, shutdown_signal()).await
+    server.run(listener, shutdown).await
 }
 
 /// Sets up logging; returns how a reload changes the level.
@@ -160,28 +163,41 @@ fn watch_sighup(reloader: Reloader, path: Option<PathBuf>) {
     }
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// Installs the SIGINT and SIGTERM handlers now; the future completes on the first of them.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = interrupt => info!("SIGINT received"),
-                    _ = terminate.recv() => info!("SIGTERM received"),
-                }
-            }
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        let install = |kind: SignalKind, name: &'static str| match signal(kind) {
+            Ok(stream) => Some(stream),
             Err(e) => {
-                error!(error = %e, "cannot watch SIGTERM; only SIGINT will stop the server");
-                let _ = interrupt.await;
+                error!(error = %e, "cannot watch {name}; only the other signal will stop the server");
+                None
+            }
+        };
+        let interrupt = install(SignalKind::interrupt(), "SIGINT");
+        let terminate = install(SignalKind::terminate(), "SIGTERM");
+        async fn next(stream: Option<Signal>) {
+            match stream {
+                Some(mut stream) => {
+                    stream.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        }
+        async move {
+            tokio::select! {
+                _ = next(interrupt) => info!("SIGINT received"),
+                _ = next(terminate) => info!("SIGTERM received"),
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = interrupt.await;
-        info!("interrupt received");
+        let interrupt = tokio::signal::ctrl_c();
+        async move {
+            let _ = interrupt.await;
+            info!("interrupt received");
+        }
     }
 }

@@ -301,3 +301,16 @@ fn warns_with_the_figures_when_the_hard_limit_is_too_low() {
     // It still raised the soft limit as far as the hard limit allows.
     assert_eq!(soft_nofile(daemon.child.id()), 600);
 }
+
+/// A stop the moment the daemon says it is listening (as a supervisor may send one) is a
+/// graceful one: the signal handlers are in place before that line, so the daemon drains and
+/// exits 0 instead of being killed by SIGTERM's default action.
+#[test]
+fn sigterm_as_soon_as_listening_is_logged_is_a_graceful_stop() {
+    for _ in 0..20 {
+        let mut daemon = Daemon::start("[server]\nbind_port = 0\n");
+        daemon.signal(libc::SIGTERM);
+        let status = daemon.wait();
+        assert!(status.success(), "stopped by {status:?}");
+    }
+}
