@@ -8,12 +8,12 @@
 mod common;
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::fleet::{self, Backend, Haproxy, FLEET_DEADLINE};
+use common::fleet::{self, Backend, Haproxy, SuccessCount, FLEET_DEADLINE};
 use common::{authenticate, greet, request, round_trip, EchoServer};
 use poolsocks::socks::{Command, ReplyCode, METHOD_NO_AUTH, METHOD_USERPASS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -178,7 +178,7 @@ fn payload(len: usize, seed: u8) -> Vec<u8> {
 /// the source address of every session that failed.
 struct SessionLoop {
     stop: Arc<AtomicBool>,
-    succeeded: Arc<AtomicU64>,
+    succeeded: SuccessCount,
     failed: Arc<Mutex<Vec<(SocketAddr, String)>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -186,7 +186,7 @@ struct SessionLoop {
 impl SessionLoop {
     fn start(clients: usize, balancer: SocketAddr, target: SocketAddr) -> SessionLoop {
         let stop = Arc::new(AtomicBool::new(false));
-        let succeeded = Arc::new(AtomicU64::new(0));
+        let succeeded = SuccessCount::new();
         let failed = Arc::new(Mutex::new(Vec::new()));
         let tasks = (0..clients)
             .map(|c| {
@@ -203,9 +203,7 @@ impl SessionLoop {
                         }
                         .await;
                         match outcome {
-                            Ok(()) => {
-                                succeeded.fetch_add(1, Ordering::Relaxed);
-                            }
+                            Ok(()) => succeeded.add_one(),
                             Err(e) => failed
                                 .lock()
                                 .unwrap()
@@ -218,18 +216,9 @@ impl SessionLoop {
         SessionLoop { stop, succeeded, failed, tasks }
     }
 
-    fn succeeded(&self) -> u64 {
-        self.succeeded.load(Ordering::Relaxed)
-    }
-
     /// Waits until `more` sessions have succeeded beyond the count now.
     async fn await_more(&self, more: u64) {
-        let target = self.succeeded() + more;
-        let deadline = Instant::now() + FLEET_DEADLINE;
-        while self.succeeded() < target {
-            assert!(Instant::now() < deadline, "the client loop stalled at {}", self.succeeded());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.succeeded.await_more(more).await;
     }
 
     async fn stop(self) -> (u64, Vec<(SocketAddr, String)>) {
@@ -238,7 +227,7 @@ impl SessionLoop {
             task.await.expect("client task");
         }
         let failed = self.failed.lock().unwrap().clone();
-        (self.succeeded.load(Ordering::Relaxed), failed)
+        (self.succeeded.get(), failed)
     }
 }
 

@@ -8,12 +8,11 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::fleet::{free_port, is_root, FLEET_DEADLINE};
+use common::fleet::{free_port, is_root, SuccessCount};
 use common::EchoServer;
 use poolsocks::socks::{Command, Reply, ReplyCode, Request};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -89,7 +88,7 @@ async fn an_instance_replaced_on_a_shared_port_refuses_no_connection() {
     let proxy = old.addr;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let succeeded = Arc::new(AtomicU64::new(0));
+    let succeeded = SuccessCount::new();
     let failed = Arc::new(Mutex::new(Vec::new()));
     let clients: Vec<_> = (0..8u8)
         .map(|c| {
@@ -98,40 +97,25 @@ async fn an_instance_replaced_on_a_shared_port_refuses_no_connection() {
                 let body = [c; 512];
                 while !stop.load(Ordering::Relaxed) {
                     match session(proxy, echo.addr, &body).await {
-                        Ok(()) => succeeded.fetch_add(1, Ordering::Relaxed),
-                        Err(e) => {
-                            failed.lock().unwrap().push(e.to_string());
-                            0
-                        }
-                    };
+                        Ok(()) => succeeded.add_one(),
+                        Err(e) => failed.lock().unwrap().push(e.to_string()),
+                    }
                 }
             })
         })
         .collect();
-    let await_more = |more: u64| {
-        let succeeded = succeeded.clone();
-        async move {
-            let target = succeeded.load(Ordering::Relaxed) + more;
-            let deadline = Instant::now() + FLEET_DEADLINE;
-            while succeeded.load(Ordering::Relaxed) < target {
-                assert!(Instant::now() < deadline, "client loop stalled");
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    };
-
-    await_more(500).await;
+    succeeded.await_more(500).await;
     old.signal(libc::SIGTERM);
     let status = tokio::task::block_in_place(|| old.wait());
     assert!(status.success(), "the old instance exited {status:?}");
     // Everything from here on can only be served by the new instance.
-    await_more(500).await;
+    succeeded.await_more(500).await;
     stop.store(true, Ordering::Relaxed);
     for client in clients {
         client.await.unwrap();
     }
     let failed = failed.lock().unwrap().clone();
-    let total = succeeded.load(Ordering::Relaxed);
+    let total = succeeded.get();
     eprintln!("{total} sessions, {} failed", failed.len());
     assert!(failed.is_empty(), "{} of {total} failed: {failed:?}", failed.len());
     let rest = old.rest_of_log();

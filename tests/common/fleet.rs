@@ -16,6 +16,38 @@ use tokio::net::{TcpSocket, TcpStream};
 /// How long a test waits for an event of a real part (a health check turning, a process exit).
 pub const FLEET_DEADLINE: Duration = Duration::from_secs(30);
 
+/// Sessions that succeeded so far, counted by client loops and awaited by the test: a waiter
+/// wakes on the increment that reaches its target instead of polling the count.
+#[derive(Clone)]
+pub struct SuccessCount(Arc<tokio::sync::watch::Sender<u64>>);
+
+impl SuccessCount {
+    pub fn new() -> SuccessCount {
+        SuccessCount(Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+
+    pub fn add_one(&self) {
+        self.0.send_modify(|count| *count += 1);
+    }
+
+    pub fn get(&self) -> u64 {
+        *self.0.borrow()
+    }
+
+    /// Waits until `more` sessions have succeeded beyond the count now, up to
+    /// [`FLEET_DEADLINE`].
+    pub async fn await_more(&self, more: u64) {
+        let target = self.get() + more;
+        let mut changes = self.0.subscribe();
+        let reached = tokio::time::timeout(FLEET_DEADLINE, changes.wait_for(|n| *n >= target));
+        assert!(
+            matches!(reached.await, Ok(Ok(_))),
+            "the client loop stalled at {} of {target}",
+            self.get()
+        );
+    }
+}
+
 /// The path of `tool` on PATH. Missing: the test is skipped with a message, except under CI
 /// (`CI` set), where `.ci/run` installs every tool and a missing one is a failure.
 pub fn require_tool(tool: &str) -> Option<PathBuf> {
