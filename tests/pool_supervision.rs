@@ -39,12 +39,17 @@ fn child_of_type<M: Message>(pool: &Pool) -> ActorCell {
         .expect("child actor of that type")
 }
 
-/// Awaits a supervisor event in telemetry whose message contains `needle`. Each round trip
-/// to the Directory is an event: supervision events are handled before later messages.
+/// Awaits a supervisor event in telemetry whose message contains `needle`, then the end of
+/// the restart that recorded it. Each round trip to the Directory is an event: supervision
+/// events are handled before later messages.
 async fn await_restart(running: &Running, needle: &str) {
     let query = EventQuery { category: Some("pool.supervisor".into()), ..EventQuery::default() };
     for _ in 0..10_000 {
         if running.telemetry.query(&query).iter().any(|event| event.message.contains(needle)) {
+            // The event is recorded as the restart begins, and the Directory may still be
+            // stopping managers and spawning the new actor: a message sent now is answered
+            // only once that handling is over.
+            running.pool.stats().await.expect("the directory answers");
             return;
         }
         running.pool.stats().await.expect("the directory answers");
