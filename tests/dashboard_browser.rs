@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use common::udp::{datagram, Association, UdpEcho};
 use common::{connect, round_trip, test_config, EchoServer, TestProxy};
+use poolsocks::pool::checkout_wait::BOUNDS_US;
 use poolsocks::pool::DestStats;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use poolsocks::stats::{self, Readiness, StatsContext, StatsOptions};
@@ -253,6 +254,10 @@ async fn dashboard_renders_live_numbers_in_chromium() {
     let misses = between("pool_misses", "kpi-misses");
     assert!(hits >= 2.0 && misses >= 3.0, "hits {hits}, misses {misses}");
     between("total_reused", "kpi-reused");
+    // The pool's cost on the path, read off the checkout-wait buckets: one of their bounds.
+    let wait = data_value_after(&dom, "id=\"kpi-wait-p99\"").expect("checkout wait p99 shown");
+    assert!(BOUNDS_US.iter().any(|&bound| bound as f64 == wait), "p99 {wait} is not a bound");
+    assert!(dom.contains(" checkouts</div>"), "checkout count shown");
     let sessions = data_value_after(&dom, "id=\"kpi-sessions-sub\"").expect("sessions");
     let low = before["server"]["sessions_total"].as_f64().expect("sessions before");
     let high = after["server"]["sessions_total"].as_f64().expect("sessions after");

@@ -266,6 +266,16 @@ fn metric_value(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, 
     }
 }
 
+fn scrape_histogram(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+) -> Vec<prometheus_parse::HistogramCount> {
+    match scrape.samples.iter().find(|s| s.metric == name).map(|s| &s.value) {
+        Some(prometheus_parse::Value::Histogram(buckets)) => buckets.clone(),
+        other => panic!("{name} is not a histogram: {other:?}"),
+    }
+}
+
 async fn scrape(addr: SocketAddr) -> (prometheus_parse::Scrape, String) {
     let response = get(addr, "/metrics").await;
     assert_eq!(response.status, 200);
@@ -316,6 +326,12 @@ async fn pool_stats_follow_real_traffic() {
     let hit_rate = body["hit_rate"].as_f64().expect("hit_rate");
     assert!((hit_rate - 2.0 / 3.0).abs() < 1e-9, "{hit_rate}");
     assert_eq!(body["reuse_rate"], 0.5);
+    // The pool's cost on each of the three sessions' path: its answer to their checkouts.
+    let waits = &body["checkout_wait"];
+    assert_eq!(waits["count"], 3, "{waits}");
+    let buckets = waits["buckets"].as_array().expect("checkout_wait buckets");
+    assert_eq!(buckets.len(), poolsocks::pool::checkout_wait::BOUNDS_US.len());
+    assert!(buckets.iter().all(|b| b[1].as_u64() <= Some(3)), "{waits}");
 
     let per_dest = body["per_destination"].as_array().expect("per_destination");
     assert_eq!(per_dest.len(), 1);
@@ -456,6 +472,13 @@ async fn metrics_follow_real_traffic_and_parse() {
     assert_eq!(per_dest("poolsocks_pool_destination_trimmed_total"), 0.0);
     assert_eq!(value("poolsocks_pool_trimmed_total"), 0.0);
     assert_eq!(value("poolsocks_pool_abandoned_total"), 0.0);
+    // Every checkout's wait for its manager is in the histogram: one per session, the first
+    // sighting's (answered by the Directory) included.
+    assert_eq!(value("poolsocks_pool_checkout_wait_seconds_count"), 3.0);
+    let waits = scrape_histogram(&parsed, "poolsocks_pool_checkout_wait_seconds");
+    assert_eq!(waits.last().map(|b| (b.less_than, b.count)), Some((f64::INFINITY, 3.0)));
+    assert!(waits.windows(2).all(|w| w[0].count <= w[1].count), "cumulative: {waits:?}");
+    assert!(text.contains("# TYPE poolsocks_pool_checkout_wait_seconds histogram"), "{text}");
     // The format's own rules, beyond what the parser checks.
     assert!(text.contains("# TYPE poolsocks_pool_hits_total counter"), "{text}");
     assert!(text.contains("# HELP poolsocks_sessions_active "), "{text}");

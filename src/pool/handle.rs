@@ -11,6 +11,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::category;
+use super::checkout_wait::CheckoutWaits;
 use super::directory::{CheapRoute, Directory, DirectoryArgs, Route, Routes};
 use super::messages::{Checkout, DirectoryMsg, ManagerMsg, SweepReport};
 use super::options::PoolOptions;
@@ -40,6 +41,8 @@ pub struct Pool {
     fallback_dials: Arc<AtomicU64>,
     /// Checkouts of destinations kept without spares, dialed without asking their manager.
     bypassed: Arc<AtomicU64>,
+    /// How long each checkout waited for its manager's answer: the pool's cost on the path.
+    checkout_waits: Arc<CheckoutWaits>,
 }
 
 /// Harness calls are not on a client's path; this only bounds a wedged pool.
@@ -71,6 +74,7 @@ impl Pool {
             telemetry,
             fallback_dials: Arc::new(AtomicU64::new(0)),
             bypassed: Arc::new(AtomicU64::new(0)),
+            checkout_waits: Arc::default(),
         })
     }
 
@@ -114,6 +118,7 @@ impl Pool {
         let mut stats = self.ask(DirectoryMsg::Stats).await?;
         stats.fallback_dials = self.fallback_dials.load(Ordering::Relaxed);
         stats.bypassed += self.bypassed.load(Ordering::Relaxed);
+        stats.checkout_wait = self.checkout_waits.snapshot();
         Ok(stats)
     }
 
@@ -303,7 +308,10 @@ impl Connector for Pool {
                 _ => {}
             }
             for _ in 0..=STALE_SPARES_PER_CHECKOUT {
-                match self.checkout(target).await {
+                let asked = tokio::time::Instant::now();
+                let answer = self.checkout(target).await;
+                self.checkout_waits.record(asked.elapsed());
+                match answer {
                     Ok(Checkout::Hit { stream, lease }) => {
                         if self.usable(target, &stream) {
                             return Ok(Upstream::leased(stream, Origin::Pooled, Box::new(lease)));

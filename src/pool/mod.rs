@@ -103,6 +103,7 @@
 
 pub mod admission;
 pub mod budget;
+pub mod checkout_wait;
 pub mod directory;
 pub mod handle;
 pub mod janitor;
@@ -116,6 +117,7 @@ pub mod spare;
 pub mod stats;
 
 pub use admission::Admission;
+pub use checkout_wait::CheckoutWaitStats;
 pub use handle::{Pool, PoolError};
 pub use lease::PoolLease;
 pub use messages::{

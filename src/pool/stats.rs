@@ -3,6 +3,7 @@
 
 use serde::Serialize;
 
+use super::checkout_wait::CheckoutWaitStats;
 use super::refill::RefillStats;
 
 /// Counters that only grow. Kept separately so a restarted PoolManager continues from its
@@ -226,6 +227,8 @@ pub struct PoolStats {
     pub cheap_destinations: usize,
     /// Destinations forgotten to stay within `max_destinations`.
     pub destinations_forgotten: u64,
+    /// How long checkouts waited for their manager's answer (see `checkout_wait`).
+    pub checkout_wait: CheckoutWaitStats,
     pub budget: BudgetStats,
     /// Sorted by destination.
     pub per_destination: Vec<DestStats>,

@@ -9,17 +9,18 @@ use std::sync::atomic::AtomicU64;
 
 use hyper::{Response, StatusCode};
 use prometheus_client::encoding::prometheus_text;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
 
 use super::pool_stats::ratio;
 use super::pool_view::PoolView;
 use super::response::{self, Body};
 use super::router::Shared;
-use crate::pool::{DestStats, PoolStats};
+use crate::pool::{CheckoutWaitStats, DestStats, PoolStats};
 use crate::server::metrics::{BindOutcome, DropReason, ServerMetricsSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -290,6 +291,12 @@ fn pool_totals(registry: &mut Registry, stats: &PoolStats) {
         "Checkouts answered by a spare, of all checkouts since start",
         hit_ratio,
     );
+    registry.register_with_unit(
+        "checkout_wait",
+        "Time a checkout waited for its PoolManager's answer: what the pool adds to a session's path",
+        Unit::Seconds,
+        WaitHistogram(stats.checkout_wait.clone()),
+    );
     let budget = &stats.budget;
     gauge(
         registry,
@@ -492,6 +499,31 @@ fn activity(d: &DestStats) -> u64 {
 
 fn label(d: &DestStats) -> DestinationLabel {
     DestinationLabel { destination: d.destination.clone() }
+}
+
+/// The pool's own fixed buckets, encoded as a Prometheus histogram (prometheus-client's
+/// `Histogram` only observes; this one is a snapshot of counts kept by the pool).
+#[derive(Debug)]
+struct WaitHistogram(CheckoutWaitStats);
+
+impl EncodeMetric for WaitHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let stats = &self.0;
+        // The encoder accumulates per-bucket counts itself and wants `+Inf` last.
+        let mut buckets = Vec::with_capacity(stats.buckets.len() + 1);
+        let mut below = 0;
+        for &(bound_us, within) in &stats.buckets {
+            buckets.push((bound_us as f64 / 1e6, within.saturating_sub(below)));
+            below = within;
+        }
+        buckets.push((f64::INFINITY, stats.count.saturating_sub(below)));
+        let sum = stats.sum_us as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, stats.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 fn clamp_i64(value: u64) -> i64 {
