@@ -107,6 +107,26 @@ impl Group<'_> {
         }
     }
 
+    /// `ours / theirs` round by round (rounds run one configuration after another, so a round's
+    /// ratio cancels what the host did to both), then the median of those ratios.
+    fn paired_ratio(&self, theirs: &Group) -> Option<f64> {
+        let mut ratios: Vec<f64> = self
+            .runs
+            .iter()
+            .filter_map(|ours| {
+                let other = theirs.runs.iter().find(|t| t.round == ours.round)?;
+                let (a, b) = (Self::metric(ours), Self::metric(other));
+                (b > 0.0).then_some(a / b)
+            })
+            .collect();
+        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        match ratios.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(ratios[n / 2]),
+            n => Some((ratios[n / 2 - 1] + ratios[n / 2]) / 2.0),
+        }
+    }
+
     fn spread(&self) -> (f64, f64) {
         let values: Vec<f64> = self.runs.iter().map(|r| Self::metric(r)).collect();
         let min = values.iter().copied().fold(f64::INFINITY, f64::min);
@@ -138,7 +158,8 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
         "Each configuration ran {} time(s), rounds interleaved (each round starts one \
          configuration later); \"best\" is the best round, latencies are from that round, \
          spread is min–max over rounds, median is the middle round's figure. Ratios compare \
-         best figures from this one run (and, where marked, the medians).{}\n",
+         best figures from this one run (and, where marked, the medians, and \"round by round\": \
+         the median of the ratios taken within each round, where both ran minutes apart at most).{}\n",
         records.iter().map(|r| r.round).max().unwrap_or(1),
         if records.iter().any(|r| r.offered_rate.is_some()) {
             " At an offered rate (`loadgen run --rate`) every round carries the same load, so \
@@ -363,14 +384,23 @@ fn conns_per_session(record: &RunRecord) -> String {
 /// Issue 18's comparisons, where both sides ran: best rounds of this one run.
 fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
     let find = |label: &str| groups.iter().find(|g| g.label == label).and_then(|g| g.best());
-    let median = |label: &str| groups.iter().find(|g| g.label == label).map(Group::median);
-    // Best rounds' rps ratio, then the medians' (more robust to one odd round).
+    let group_of = |label: &str| groups.iter().find(|g| g.label == label);
+    // Best rounds' rps ratio, then the medians', then the median of round-by-round ratios
+    // (the steadiest of the three on a shared host: both sides of a ratio ran minutes apart).
     let rps_ratio = |ours: &str, ours_best: &RunRecord, theirs: &str, theirs_best: &RunRecord| {
-        let best = ours_best.rps / theirs_best.rps.max(f64::MIN_POSITIVE);
-        match (median(ours), median(theirs)) {
-            (Some(a), Some(b)) if b > 0.0 => format!("{best:.2}x (medians {:.2}x)", a / b),
-            _ => format!("{best:.2}x"),
+        let mut text = format!("{:.2}x", ours_best.rps / theirs_best.rps.max(f64::MIN_POSITIVE));
+        let (Some(ours), Some(theirs)) = (group_of(ours), group_of(theirs)) else { return text };
+        let mut extra = Vec::new();
+        if theirs.median() > 0.0 {
+            extra.push(format!("medians {:.2}x", ours.median() / theirs.median()));
         }
+        if let Some(paired) = ours.paired_ratio(theirs) {
+            extra.push(format!("round by round {paired:.2}x"));
+        }
+        if !extra.is_empty() {
+            let _ = write!(text, " ({})", extra.join(", "));
+        }
+        text
     };
     let p99 = |r: &RunRecord| r.session_latency.as_ref().map_or(0, |l| l.p99_us) as f64;
     let mut lines = Vec::new();
@@ -950,4 +980,34 @@ fn cdf_plot(path: &Path, groups: &[Group], title: &str) -> Result<(), String> {
         .map_err(plot_error)?;
     root.present().map_err(plot_error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(label: &str, round: u32, rps: f64) -> RunRecord {
+        RunRecord { mode: "run".into(), label: label.into(), round, rps, ..Default::default() }
+    }
+
+    #[test]
+    fn paired_ratio_is_the_median_of_round_by_round_ratios() {
+        // Round 2 ran while the host was slow for both: the best rounds alone would compare
+        // 100 with 120 (0.83x) though each round puts ours at 0.9-1.1x theirs.
+        let ours = [record("on", 1, 90.0), record("on", 2, 30.0), record("on", 3, 100.0)];
+        let theirs = [record("off", 1, 100.0), record("off", 2, 27.0), record("off", 3, 120.0)];
+        let ours = Group { label: "on".into(), runs: ours.iter().collect() };
+        let theirs = Group { label: "off".into(), runs: theirs.iter().collect() };
+        let paired = ours.paired_ratio(&theirs).expect("three shared rounds");
+        assert!((paired - 0.9).abs() < 1e-9, "median of 0.90, 1.11, 0.83 is 0.90, got {paired}");
+    }
+
+    #[test]
+    fn paired_ratio_needs_a_shared_round() {
+        let ours = [record("on", 1, 90.0)];
+        let theirs = [record("off", 2, 100.0)];
+        let ours = Group { label: "on".into(), runs: ours.iter().collect() };
+        let theirs = Group { label: "off".into(), runs: theirs.iter().collect() };
+        assert_eq!(ours.paired_ratio(&theirs), None);
+    }
 }
