@@ -7,6 +7,9 @@
 #   bash loadtests/run.sh --smoke         every scenario that can run here, ~1-2 s each (CI);
 #                                         results go to a temporary folder, the tree stays clean
 #   options: --rounds N (default 2, smoke 1)   --only distant,fast-local,...   --keep (keep raw JSON)
+#            --configs pool-off,minirelay,...  (only those configurations: repeat runs of a pair)
+#            --out DIR (tables and plots there instead of loadtests/results/)
+#            --linger S (seconds sampled after the many-destinations load; default 15, smoke 1)
 #
 # Scenarios: distant-10ms, distant-50ms, requests-per-session, step-demand, fast-local,
 # fast-local-paced (the same at an offered rate every proxy carries), bulk,
@@ -32,13 +35,19 @@ SMOKE=0
 ROUNDS=""
 ONLY=""
 KEEP=0
+CONFIGS=""
+OUT_DIR=""
+LINGER_ARG=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --smoke) SMOKE=1 ;;
     --rounds) ROUNDS="$2"; shift ;;
     --only) ONLY="$2"; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n 2,18p "$0"; exit 0 ;;
+    --configs) CONFIGS="$2"; shift ;;
+    --out) OUT_DIR="$2"; shift ;;
+    --linger) LINGER_ARG="$2"; shift ;;
+    -h|--help) sed -n 2,22p "$0"; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -54,7 +63,8 @@ else
   STRICT=()
 fi
 WORK=$(mktemp -d /tmp/poolsocks-loadtests.XXXXXX)
-if [ "$SMOKE" = 1 ]; then OUT="$WORK/results"; else OUT="$LT/results"; fi
+LINGER=${LINGER_ARG:-$LINGER}
+if [ -n "$OUT_DIR" ]; then OUT="$OUT_DIR"; elif [ "$SMOKE" = 1 ]; then OUT="$WORK/results"; else OUT="$LT/results"; fi
 RAW="$WORK/raw"
 mkdir -p "$OUT" "$RAW"
 
@@ -145,6 +155,13 @@ install_peer() { # binary package
 HAVE+=(fixedpool)
 if install_peer danted dante-server; then HAVE+=(dante); else skip "Dante: danted missing and dante-server could not be installed"; fi
 if install_peer microsocks microsocks; then HAVE+=(microsocks); else skip "microsocks: missing and could not be installed"; fi
+if [ -n "$CONFIGS" ]; then
+  chosen=()
+  for cfg in "${HAVE[@]}"; do
+    if [[ ",$CONFIGS," == *",$cfg,"* ]]; then chosen+=("$cfg"); fi
+  done
+  HAVE=("${chosen[@]}")
+fi
 say "configurations: ${HAVE[*]}"
 
 for port in 14080 14090 14101 14102 14103 14105 14106 14107 14108 14111 14112 14113 14118; do

@@ -55,6 +55,26 @@ fn order_key(label: &str) -> (usize, String) {
     (index, label.to_string())
 }
 
+/// Round-by-round ratios of two configurations.
+#[derive(Debug)]
+struct PairedRatio {
+    rounds: usize,
+    median: f64,
+    mean: f64,
+    /// Half-width of the mean's 95% confidence interval, from 3 rounds on.
+    ci95: Option<f64>,
+}
+
+impl std::fmt::Display for PairedRatio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "round by round {:.2}x", self.median)?;
+        if let Some(ci95) = self.ci95 {
+            write!(f, ", mean {:.3}x ±{ci95:.3} over {} rounds", self.mean, self.rounds)?;
+        }
+        Ok(())
+    }
+}
+
 /// All rounds of one configuration (in one variant of the scenario).
 struct Group<'a> {
     label: String,
@@ -108,8 +128,8 @@ impl Group<'_> {
     }
 
     /// `ours / theirs` round by round (rounds run one configuration after another, so a round's
-    /// ratio cancels what the host did to both), then the median of those ratios.
-    fn paired_ratio(&self, theirs: &Group) -> Option<f64> {
+    /// ratio cancels what the host did to both): their median, mean and spread.
+    fn paired_ratio(&self, theirs: &Group) -> Option<PairedRatio> {
         let mut ratios: Vec<f64> = self
             .runs
             .iter()
@@ -120,11 +140,19 @@ impl Group<'_> {
             })
             .collect();
         ratios.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        match ratios.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(ratios[n / 2]),
-            n => Some((ratios[n / 2 - 1] + ratios[n / 2]) / 2.0),
-        }
+        let n = ratios.len();
+        let median = match n {
+            0 => return None,
+            n if n % 2 == 1 => ratios[n / 2],
+            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
+        };
+        let mean = ratios.iter().sum::<f64>() / n as f64;
+        // Normal approximation: with a handful of rounds it is a rough guide, not a test.
+        let ci95 = (n >= 3).then(|| {
+            let variance = ratios.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+            1.96 * (variance / n as f64).sqrt()
+        });
+        Some(PairedRatio { rounds: n, median, mean, ci95 })
     }
 
     fn spread(&self) -> (f64, f64) {
@@ -395,7 +423,7 @@ fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
             extra.push(format!("medians {:.2}x", ours.median() / theirs.median()));
         }
         if let Some(paired) = ours.paired_ratio(theirs) {
-            extra.push(format!("round by round {paired:.2}x"));
+            extra.push(paired.to_string());
         }
         if !extra.is_empty() {
             let _ = write!(text, " ({})", extra.join(", "));
@@ -999,7 +1027,12 @@ mod tests {
         let ours = Group { label: "on".into(), runs: ours.iter().collect() };
         let theirs = Group { label: "off".into(), runs: theirs.iter().collect() };
         let paired = ours.paired_ratio(&theirs).expect("three shared rounds");
-        assert!((paired - 0.9).abs() < 1e-9, "median of 0.90, 1.11, 0.83 is 0.90, got {paired}");
+        let median = paired.median;
+        assert!((median - 0.9).abs() < 1e-9, "median of 0.90, 1.11, 0.83 is 0.90, got {median}");
+        let mean = (0.9 + 30.0 / 27.0 + 100.0 / 120.0) / 3.0;
+        assert!((paired.mean - mean).abs() < 1e-9, "{paired:?}");
+        assert!(paired.ci95.is_some_and(|ci| ci > 0.0), "{paired:?}");
+        assert_eq!(paired.rounds, 3);
     }
 
     #[test]
@@ -1008,6 +1041,6 @@ mod tests {
         let theirs = [record("off", 2, 100.0)];
         let ours = Group { label: "on".into(), runs: ours.iter().collect() };
         let theirs = Group { label: "off".into(), runs: theirs.iter().collect() };
-        assert_eq!(ours.paired_ratio(&theirs), None);
+        assert!(ours.paired_ratio(&theirs).is_none());
     }
 }
