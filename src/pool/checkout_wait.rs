@@ -3,7 +3,7 @@
 //! spare is used or the client's own dial starts. The pool promises never to cost more than it
 //! saves; this is the cost side, measured on every checkout, so an operator can see it.
 //!
-//! Lock-free fixed buckets (one atomic add per checkout); the stats endpoint turns a snapshot
+//! Lock-free fixed buckets (two atomic adds per checkout); the stats endpoint turns a snapshot
 //! into a Prometheus histogram.
 
 use std::sync::atomic::{AtomicU64, Ordering};
