@@ -55,6 +55,16 @@ fn order_key(label: &str) -> (usize, String) {
     (index, label.to_string())
 }
 
+/// The middle value (the mean of the middle two for an even count); `None` for no values.
+fn median_of(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    match values.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(values[n / 2]),
+        n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
 /// Round-by-round ratios of two configurations.
 #[derive(Debug)]
 struct PairedRatio {
@@ -118,19 +128,14 @@ impl Group<'_> {
     /// The median round's figure (the mean of the middle two for an even count): one lucky or
     /// unlucky round on a shared VM moves it less than it moves the best.
     fn median(&self) -> f64 {
-        let mut values: Vec<f64> = self.runs.iter().map(|r| Self::metric(r)).collect();
-        values.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-        match values.len() {
-            0 => 0.0,
-            n if n % 2 == 1 => values[n / 2],
-            n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
-        }
+        let values: Vec<f64> = self.runs.iter().map(|r| Self::metric(r)).collect();
+        median_of(values).unwrap_or(0.0)
     }
 
     /// `ours / theirs` round by round (rounds run one configuration after another, so a round's
     /// ratio cancels what the host did to both): their median, mean and spread.
     fn paired_ratio(&self, theirs: &Group) -> Option<PairedRatio> {
-        let mut ratios: Vec<f64> = self
+        let ratios: Vec<f64> = self
             .runs
             .iter()
             .filter_map(|ours| {
@@ -139,13 +144,8 @@ impl Group<'_> {
                 (b > 0.0).then_some(a / b)
             })
             .collect();
-        ratios.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
         let n = ratios.len();
-        let median = match n {
-            0 => return None,
-            n if n % 2 == 1 => ratios[n / 2],
-            n => (ratios[n / 2 - 1] + ratios[n / 2]) / 2.0,
-        };
+        let median = median_of(ratios.clone())?;
         let mean = ratios.iter().sum::<f64>() / n as f64;
         // Normal approximation: with a handful of rounds it is a rough guide, not a test.
         let ci95 = (n >= 3).then(|| {
