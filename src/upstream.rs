@@ -88,22 +88,23 @@ pub async fn dial(
     let deadline = Instant::now() + limits.overall;
     let phase_timeout =
         || ConnectError::PhaseTimeout { target: target.clone(), timeout: limits.overall };
-    let resolved: Vec<SocketAddr> = match target {
-        TargetAddr::Ip(addr) => vec![*addr],
+    let looked_up: Vec<SocketAddr>;
+    // An address literal is dialed without building a list (no allocation on the fast path).
+    let resolved: &[SocketAddr] = match target {
+        TargetAddr::Ip(addr) => std::slice::from_ref(addr),
         TargetAddr::Domain(host, port) => {
-            match tokio::time::timeout_at(deadline, resolver.lookup(host, *port)).await {
+            looked_up = match tokio::time::timeout_at(deadline, resolver.lookup(host, *port)).await
+            {
                 Ok(found) => found?,
                 Err(_) => return Err(phase_timeout()),
-            }
+            };
+            &looked_up
         }
     };
-    let allowed: Vec<SocketAddr> =
-        resolved.iter().copied().filter(|addr| access.may_connect(target, addr.ip())).collect();
-    if allowed.is_empty() && !resolved.is_empty() {
-        return Err(ConnectError::NotAllowed(target.clone()));
-    }
     let mut last_error = None;
-    for addr in allowed {
+    let mut any_allowed = false;
+    for &addr in resolved.iter().filter(|addr| access.may_connect(target, addr.ip())) {
+        any_allowed = true;
         let now = Instant::now();
         if now >= deadline {
             return Err(phase_timeout());
@@ -122,6 +123,9 @@ pub async fn dial(
             Err(_) if timeout < limits.per_address => return Err(phase_timeout()),
             Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),
         }
+    }
+    if !any_allowed && !resolved.is_empty() {
+        return Err(ConnectError::NotAllowed(target.clone()));
     }
     Err(last_error.unwrap_or_else(|| ConnectError::NoAddress { host: target.to_string() }))
 }

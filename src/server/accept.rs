@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info_span, warn, Instrument};
 
+use super::cut::Cut;
 use super::handler::{self, HandlerContext};
 use super::limit::ConnectionLimit;
 use crate::throttle::Throttle;
@@ -63,8 +64,10 @@ struct Admission<'a> {
     /// Swapped by a reload; each client takes the one in force when it is accepted.
     contexts: Arc<ArcSwap<HandlerContext>>,
     tracker: &'a TaskTracker,
-    cut: &'a CancellationToken,
+    cut: &'a Cut,
     rejections: Throttle,
+    /// Whether accepted sockets already have `TCP_NODELAY` (see [`nodelay_inherited`]).
+    nodelay_inherited: bool,
 }
 
 impl Admission<'_> {
@@ -90,10 +93,16 @@ impl Admission<'_> {
         } else {
             info_span!("client", %peer)
         };
-        let cut = self.cut.clone();
+        if !self.nodelay_inherited {
+            let _ = client.set_nodelay(true);
+        }
+        let cut = self.cut.session();
+        // The session's state machine (about 2 KB) lives in a box of its own: the task that
+        // holds it stays small, and tokio copies a task's future whole when spawning it and
+        // again when it completes (memmove was the proxy's top user-space symbol).
         self.tracker.spawn(
             async move {
-                handler::serve(ctx, client, peer, cut).await;
+                Box::pin(handler::serve(ctx, client, peer, cut)).await;
                 drop(permit);
             }
             .instrument(span),
@@ -112,7 +121,7 @@ pub(super) async fn accept_loop(
     limit: Arc<ConnectionLimit>,
     contexts: Arc<ArcSwap<HandlerContext>>,
     tracker: &TaskTracker,
-    cut: &CancellationToken,
+    cut: &Cut,
     stop: &CancellationToken,
 ) {
     let mut admission = Admission {
@@ -121,6 +130,7 @@ pub(super) async fn accept_loop(
         tracker,
         cut,
         rejections: Throttle::new(REJECTION_LOG_INTERVAL),
+        nodelay_inherited: nodelay_inherited(listener),
     };
     let mut errors = Burst::default();
     let mut backoff = ACCEPT_BACKOFF_START;
@@ -157,6 +167,13 @@ pub(super) async fn accept_loop(
     }
 }
 
+/// Sets `TCP_NODELAY` on the listener, which Linux copies to every socket it accepts: one
+/// setsockopt(2) at start instead of one per client (a SOCKS session is small writes both ways,
+/// none of which may wait for Nagle). False elsewhere, where each client gets its own.
+fn nodelay_inherited(listener: &TcpListener) -> bool {
+    cfg!(target_os = "linux") && socket2::SockRef::from(listener).set_nodelay(true).is_ok()
+}
+
 /// Accepts, without waiting, what the kernel has queued on `listener` right now. The accept
 /// is a plain non-blocking syscall on the socket (not tokio's readiness, which may not have
 /// seen the latest arrivals yet). Returns how many were taken.
@@ -183,6 +200,21 @@ fn drain_backlog(listener: &TcpListener, admission: &mut Admission<'_>) -> usize
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-session setsockopt(2) is skipped only where the kernel copies the option: a
+    /// client accepted here must have it all the same.
+    #[tokio::test]
+    async fn accepted_clients_have_tcp_nodelay_without_setting_it_each() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let inherited = nodelay_inherited(&listener);
+        assert_eq!(inherited, cfg!(target_os = "linux"));
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        if inherited {
+            assert!(accepted.nodelay().expect("getsockopt"), "TCP_NODELAY inherited");
+        }
+    }
 
     #[test]
     fn a_burst_is_reported_once_at_each_end() {

@@ -19,10 +19,11 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+
 use tracing::{debug, info, warn};
 
 use super::accept::is_per_connection;
+use super::cut::SessionCut;
 use super::handler::{HandlerContext, CATEGORY_ACCESS};
 use super::metrics::BindOutcome;
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
@@ -46,10 +47,10 @@ pub(super) async fn bind(
     expected: &TargetAddr,
     mut pending: Vec<u8>,
     settings: &BindSettings,
-    cancel: &CancellationToken,
+    cut: &mut SessionCut,
 ) {
     let metrics = &ctx.metrics;
-    let allowed = match expected_addresses(ctx, client, expected, cancel).await {
+    let allowed = match expected_addresses(ctx, client, expected, cut).await {
         Ok(allowed) => allowed,
         Err(Refusal::Gone) => return,
         Err(Refusal::Reply(code, outcome)) => {
@@ -92,8 +93,7 @@ pub(super) async fn bind(
     metrics.bind.wait_started();
     debug!(%listening, %expected, "BIND listening");
 
-    let waited =
-        wait_for_peer(ctx, client, &listener, &allowed, &mut pending, settings, cancel).await;
+    let waited = wait_for_peer(ctx, client, &listener, &allowed, &mut pending, settings, cut).await;
     // The port is freed before the client hears anything more.
     drop(listener);
     metrics.bind.wait_ended();
@@ -140,7 +140,7 @@ pub(super) async fn bind(
             may_return_untouched: false,
             idle_timeout: ctx.session_idle_timeout,
             metrics,
-            cancel,
+            cut,
         },
     )
     .await;
@@ -172,7 +172,7 @@ async fn expected_addresses(
     ctx: &HandlerContext,
     client: &TcpStream,
     expected: &TargetAddr,
-    cancel: &CancellationToken,
+    cut: &mut SessionCut,
 ) -> Result<Vec<IpAddr>, Refusal> {
     let denied = || {
         warn!(%expected, "BIND peer denied by access rules");
@@ -196,7 +196,7 @@ async fn expected_addresses(
                     debug!(%error, "client left while the BIND peer's name was resolved");
                     return Err(Refusal::Gone);
                 }
-                () = cancel.cancelled() => return Err(Refusal::Gone),
+                () = cut.cut() => return Err(Refusal::Gone),
             };
             match looked_up {
                 Ok(addrs) => addrs.into_iter().map(|addr| addr.ip()).collect(),
@@ -230,7 +230,7 @@ async fn wait_for_peer(
     allowed: &[IpAddr],
     pending: &mut Vec<u8>,
     settings: &BindSettings,
-    cancel: &CancellationToken,
+    cut: &mut SessionCut,
 ) -> Result<(TcpStream, SocketAddr), BindOutcome> {
     let deadline = tokio::time::sleep(settings.timeout);
     tokio::pin!(deadline);
@@ -276,7 +276,7 @@ async fn wait_for_peer(
                 }
             }
             _ = watch_error(client), if room == 0 => return Err(BindOutcome::ClientLeft),
-            () = cancel.cancelled() => return Err(BindOutcome::Cut),
+            () = cut.cut() => return Err(BindOutcome::Cut),
         }
     }
 }

@@ -112,7 +112,9 @@ async fn one_way(
             if let Ok(pipe) = splice::Pipe::new() {
                 drop(buffer);
                 copied.spliced = true;
-                copied.bytes += splice::until_eof(from.as_ref(), to.as_ref(), &pipe, tally).await?;
+                // Boxed: a bulk direction's one allocation keeps every session's future small.
+                let bulk = splice::until_eof(from.as_ref(), to.as_ref(), &pipe, tally);
+                copied.bytes += Box::pin(bulk).await?;
                 break;
             }
         }

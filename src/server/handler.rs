@@ -9,11 +9,11 @@ use ipnet::IpNet;
 use serde_json::json;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::auth::{Authenticator, LoginOutcome};
 use super::bind::{self, BindSettings};
+use super::cut::SessionCut;
 use super::metrics::ServerMetrics;
 use super::proxy_header::{self, ProxiedSource};
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
@@ -64,7 +64,7 @@ async fn proxied_client(
     client: &mut TcpStream,
     socket_peer: SocketAddr,
     deadline: tokio::time::Instant,
-    cancel: &CancellationToken,
+    cut: &mut SessionCut,
 ) -> Option<SocketAddr> {
     if !proxy_header::is_trusted(trusted, socket_peer.ip()) {
         info!("connection from a source not in server.proxy_protocol_trusted: closed");
@@ -79,7 +79,7 @@ async fn proxied_client(
     let read = tokio::time::timeout_at(deadline, proxy_header::read_header(client));
     let source = tokio::select! {
         read = read => read,
-        _ = cancel.cancelled() => return None,
+        () = cut.cut() => return None,
     };
     match source {
         Ok(Ok(source)) => {
@@ -114,7 +114,7 @@ pub async fn serve(
     ctx: Arc<HandlerContext>,
     mut client: TcpStream,
     socket_peer: SocketAddr,
-    cancel: CancellationToken,
+    mut cut: SessionCut,
 ) {
     // One deadline for the PROXY header and the SOCKS handshake together: a slow drip of the
     // one cannot buy more time for the other.
@@ -122,7 +122,9 @@ pub async fn serve(
     let peer = match &ctx.proxy_protocol {
         None => socket_peer,
         Some(trusted) => {
-            match proxied_client(&ctx, trusted, &mut client, socket_peer, deadline, &cancel).await {
+            let proxied =
+                proxied_client(&ctx, trusted, &mut client, socket_peer, deadline, &mut cut);
+            match Box::pin(proxied).await {
                 Some(peer) => peer,
                 None => return,
             }
@@ -137,9 +139,11 @@ pub async fn serve(
         );
         return;
     }
-    let _ = client.set_nodelay(true);
     let handshake = tokio::time::timeout_at(deadline, handshake(&ctx, &mut client, peer));
+    // `biased` in the session's selects: its own work is polled first, and no random branch
+    // order is drawn on every poll (a thread-local RNG per poll showed in perf).
     let (request, pending) = tokio::select! {
+        biased;
         result = handshake => match result {
             Ok(Ok(negotiated)) => negotiated,
             Ok(Err(e)) => {
@@ -157,29 +161,34 @@ pub async fn serve(
                 return;
             }
         },
-        _ = cancel.cancelled() => return,
+        () = cut.cut() => return,
     };
 
     let target = request.target;
+    // UDP ASSOCIATE, BIND and the PROXY header are boxed: their futures are large (BIND's is
+    // 5.5 KB) and would otherwise size every CONNECT session's task, which is moved whole
+    // when it is spawned (memmove was the proxy's top user-space symbol).
     match (request.command, &ctx.udp, &ctx.bind) {
         (Command::Connect, _, _) => {}
         (Command::UdpAssociate, Some(settings), _) => {
-            return udp::associate(&ctx, &mut client, peer, &target, settings, &cancel).await;
+            let associate = udp::associate(&ctx, &mut client, peer, &target, settings, &mut cut);
+            return Box::pin(associate).await;
         }
         (Command::Bind, _, Some(settings)) => {
-            return bind::bind(&ctx, &mut client, &target, pending, settings, &cancel).await;
+            let bind = bind::bind(&ctx, &mut client, &target, pending, settings, &mut cut);
+            return Box::pin(bind).await;
         }
         // `handshake` answered a command that is turned off with 0x07.
         _ => return,
     }
-    let Some(mut upstream) = connect(&ctx, &mut client, &target, &cancel).await else { return };
+    let Some(mut upstream) = connect(&ctx, &mut client, &target, &mut cut).await else { return };
     ctx.metrics.session_started(Command::Connect);
     let settings = RelaySettings {
         pending: &pending,
         may_return_untouched: upstream.is_leased(),
         idle_timeout: ctx.session_idle_timeout,
         metrics: &ctx.metrics,
-        cancel: &cancel,
+        cut: &mut cut,
     };
     let result = relay(&mut client, &mut upstream.stream, settings).await;
     ctx.metrics.session_ended();
@@ -210,16 +219,17 @@ async fn connect(
     ctx: &HandlerContext,
     client: &mut TcpStream,
     target: &TargetAddr,
-    cancel: &CancellationToken,
+    cut: &mut SessionCut,
 ) -> Option<Upstream> {
     let acquired = if ctx.access.load().may_reach(target) {
         tokio::select! {
+            biased;
             acquired = ctx.connector.acquire(target) => acquired,
             error = watch_error(client) => {
                 debug!(%target, %error, "client left while its connection was being made");
                 return None;
             }
-            _ = cancel.cancelled() => return None,
+            () = cut.cut() => return None,
         }
     } else {
         Err(ConnectError::NotAllowed(target.clone()))

@@ -5,6 +5,7 @@ mod accept;
 pub mod auth;
 mod bind;
 mod copy;
+pub mod cut;
 pub mod fd_limit;
 mod handler;
 pub mod limit;
@@ -210,7 +211,7 @@ impl Server {
         let reloads =
             self.reload_requests.take().map(|requests| tokio::spawn(runtime.serve(requests)));
         let tracker = TaskTracker::new();
-        let cut = CancellationToken::new();
+        let cut = cut::Cut::new();
         let stop = CancellationToken::new();
 
         {
@@ -247,7 +248,7 @@ impl Server {
         }
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             warn!(sessions = tracker.len(), "grace period over: cutting remaining sessions");
-            cut.cancel();
+            cut.fire();
             tracker.wait().await;
         }
         // The endpoint stays up while sessions drain (operators watch the drain), then stops.

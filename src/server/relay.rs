@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 pub(super) use super::copy::watch_error;
 use super::copy::{self, Tally};
+use super::cut::SessionCut;
 use super::metrics::ServerMetrics;
 use crate::pool::spare::{probe, Probe};
 
@@ -49,7 +49,7 @@ pub struct RelaySettings<'a> {
     pub may_return_untouched: bool,
     pub idle_timeout: Duration,
     pub metrics: &'a ServerMetrics,
-    pub cancel: &'a CancellationToken,
+    pub cut: &'a mut SessionCut,
 }
 
 /// Relays until the session ends (see the module docs). An I/O error of either socket is
@@ -84,9 +84,10 @@ pub async fn relay(
             Tally { session: &down, total: to_client_total, shut: &down_shut },
         );
         tokio::select! {
+            biased;
             copied = copy => copied.map(|()| SessionEnd::Closed),
             () = idle => Ok(SessionEnd::IdleTimeout),
-            () = settings.cancel.cancelled() => Ok(SessionEnd::Cut),
+            () = settings.cut.cut() => Ok(SessionEnd::Cut),
         }
     };
     let pristine = settings.may_return_untouched

@@ -27,7 +27,6 @@ mod names;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::task::{Context, Poll};
@@ -37,9 +36,10 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpStream, UdpSocket};
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
+
 use tracing::{debug, info, warn};
 
+use super::cut::SessionCut;
 use super::handler::{HandlerContext, CATEGORY_ACCESS};
 use super::metrics::DropReason;
 use crate::config::UdpReplyFilter;
@@ -82,7 +82,7 @@ pub(super) async fn associate(
     peer: SocketAddr,
     requested: &TargetAddr,
     settings: &UdpSettings,
-    cancel: &CancellationToken,
+    cut: &mut SessionCut,
 ) {
     let local_ip = match client.local_addr() {
         Ok(local) => local.ip().to_canonical(),
@@ -143,7 +143,7 @@ pub(super) async fn associate(
         forwarded: 0,
         returned: 0,
     };
-    let end = association.run(client, cancel).await;
+    let end = association.run(client, cut).await;
     let (forwarded, returned) = (association.forwarded, association.returned);
     // The sockets close here, before the control connection does: a client that sees the
     // control connection closed finds the relay port already free.
@@ -342,7 +342,7 @@ impl Association<'_> {
     /// The event loop. Each turn polls every source once (readiness only: no future is built
     /// per turn, and each socket keeps one waker slot), then serves all that are ready, so a
     /// flood on one socket cannot starve the others.
-    async fn run(&mut self, client: &mut TcpStream, cancel: &CancellationToken) -> End {
+    async fn run(&mut self, client: &mut TcpStream, cut: &mut SessionCut) -> End {
         let timeout = self.settings.idle_timeout;
         let step = (timeout / 4).max(Duration::from_millis(1));
         let mut ticks = tokio::time::interval_at(Instant::now() + step, step);
@@ -350,12 +350,10 @@ impl Association<'_> {
         let mut last_moved = self.moved;
         let mut quiet = Duration::ZERO;
         let mut control = [0u8; 512];
-        let cancelled = cancel.cancelled();
-        tokio::pin!(cancelled);
         loop {
             let ready = std::future::poll_fn(|cx| {
                 let mut ready = Ready {
-                    cut: cancelled.as_mut().poll(cx).is_ready(),
+                    cut: cut.poll_cut(cx).is_ready(),
                     control: client.poll_read_ready(cx).is_ready(),
                     relay: match self.relay.poll_recv_ready(cx) {
                         Poll::Ready(Ok(())) => Some(Ok(())),
