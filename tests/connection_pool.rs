@@ -134,13 +134,17 @@ async fn a_client_that_leaves_without_a_byte_hands_its_spare_back_untouched() {
     let target: TargetAddr = upstream.addr.into();
     let (proxy, pool) = start(pool_config()).await;
     let pool = pool.expect("pool enabled");
+    // Seen twice: admitted, its manager dials a spare (a second sighting is dialed for its
+    // client before the pool hears of it, so only from now on is a session leased).
     first_sighting(&proxy, &mut upstream).await;
+    first_sighting(&proxy, &mut upstream).await;
+    assert_eq!(await_quiet(&pool, &target).await.idle, 1, "the spare after admission");
 
     // A client that gives up: CONNECT, then abort (RST) without sending anything. (A FIN would
     // be a half-close: the client might still want what the server sends.)
     let (stream, reply) = connect(proxy.addr, target.clone()).await;
     assert_eq!(reply.code, ReplyCode::Succeeded);
-    upstream.await_accepted(2).await;
+    upstream.await_accepted(3).await;
     let unused = upstream.index_of(bound_peer(&reply)).expect("accepted");
     socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).expect("linger");
     drop(stream);

@@ -360,3 +360,60 @@ async fn excluded_ports_and_networks_get_no_spare_ever() {
         .expect("budget view");
     pool.shutdown().await;
 }
+
+/// A destination without a manager is dialed at once: its clients wait for no actor. With the
+/// Directory held up (a Janitor pass waiting on a stalled manager), a new destination's first
+/// two sessions are served by their own dials and neither counts as a fallback; once the
+/// Directory is free it counts them as it always did (a first sighting, then an admission and
+/// a miss). The handle used to ask the Directory before dialing a destination it had no route
+/// for: both sessions waited `checkout_timeout`, then fell back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_destination_is_dialed_without_waiting_for_a_busy_directory() {
+    use poolsocks::pool::{DirectoryMsg, Fault, ManagerMsg};
+    use ractor::rpc::CallResult;
+
+    let (port, _accepted) = wildcard_upstream().await;
+    let options = PoolOptions {
+        janitor_period: None,
+        cheap_dial: Duration::ZERO,
+        checkout_timeout: Duration::from_millis(200),
+        sweep_call_timeout: Duration::from_secs(2),
+        ..PoolOptions::default()
+    };
+    let pool = Pool::spawn(options, Arc::new(TcpDialer::new()), Telemetry::disabled())
+        .await
+        .expect("pool");
+    let stalled = destination(1, port);
+    for _ in 0..2 {
+        pool.acquire(&stalled).await.expect("dial").finish(false);
+    }
+    let manager = pool.manager_of(&stalled).await.expect("pool").expect("admitted");
+    let stall = ManagerMsg::InjectFault(Fault::Stall(Duration::from_secs(3)));
+    assert!(manager.cast(stall).is_ok());
+    let pass = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.run_janitor().await }
+    });
+    // The Directory is inside that pass once a call to it goes unanswered.
+    loop {
+        let probe = pool.directory().call(DirectoryMsg::Stats, Some(Duration::from_millis(50)));
+        if let Ok(CallResult::Timeout) = probe.await {
+            break;
+        }
+    }
+
+    let new = destination(2, port);
+    for _ in 0..2 {
+        let upstream = pool.acquire(&new).await.expect("dial");
+        assert_eq!(upstream.origin, Origin::Dialed);
+        upstream.finish(false);
+    }
+    assert_eq!(pool.fallback_dials(), 0, "served without asking the busy Directory");
+
+    let report = pass.await.expect("janitor task").expect("janitor pass");
+    assert_eq!(report.unresponsive, 1, "the pass did wait on the stalled manager");
+    let stats = pool.stats().await.expect("stats");
+    assert_eq!((stats.first_sightings, stats.pool_misses), (2, 2), "{stats:?}");
+    assert!(pool.manager_of(&new).await.expect("pool").is_some(), "admitted on its second");
+    pool.shutdown().await;
+}

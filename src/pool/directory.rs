@@ -1,9 +1,11 @@
 //! The Directory: maps each destination to its PoolManager and supervises the pool's actors.
 //!
 //! It spawns the GlobalBudget and the Janitor linked in `pre_start`, and PoolManagers linked on
-//! first demand. It publishes its map as [`Routes`], so `Pool` handles send checkouts straight
-//! to a known manager (one hop instead of two); only the first checkout to a destination, and
-//! any checkout whose direct send failed, goes through the Directory. The Directory is the only
+//! demand. It publishes its map as [`Routes`], so `Pool` handles send checkouts straight to a
+//! known manager (one hop instead of two). A destination with no route is dialed by the handle
+//! at once and reported here afterwards (`DirectoryMsg::Dialed`, no answer awaited), which is
+//! where first sightings are counted, cheap destinations routed and second sightings given a
+//! manager; a checkout whose direct send failed comes through here too. The Directory is the only
 //! writer of the routes, so they never list a manager it dropped. Pruning stays race-free: a
 //! manager that reported itself cold refuses direct checkouts (the caller then comes through
 //! the Directory), and the Directory removes its route before stopping it. Restarts are
@@ -29,7 +31,8 @@ use super::category;
 use super::janitor::{Janitor, JanitorArgs};
 use super::manager::{ManagerArgs, PoolManager};
 use super::messages::{
-    BudgetMsg, Checkout, DirectoryMsg, JanitorMsg, ManagerMsg, ManagerSweep, SweepReport,
+    BudgetMsg, Checkout, DirectoryMsg, JanitorMsg, ManagerMsg, ManagerSweep, OutsideDial,
+    SweepReport,
 };
 use super::options::PoolOptions;
 use super::stats::{BudgetStats, DestCounters, DestStats, PoolStats};
@@ -346,7 +349,7 @@ impl Actor for Directory {
                     }
                 }
             }
-            DirectoryMsg::DialedCheap { target, took } => state.route_cheap(target, took),
+            DirectoryMsg::Dialed { target, dial } => state.dialed(&myself, target, dial).await,
             DirectoryMsg::NoLongerCheap(target) => {
                 if state.cheap.remove(&target) {
                     state.routes.remove_cheap(&target);
@@ -479,15 +482,41 @@ impl DirectoryState {
         }
     }
 
-    /// A destination without a manager whose dial took less than `cheap_dial`: from now on
-    /// handles dial it without a message (see `Route::Cheap`). Judged on a handle's report.
-    fn route_cheap(&mut self, target: TargetAddr, took: Duration) {
-        if took >= self.options.cheap_dial
-            || self.managers.contains_key(&target)
-            || self.cheap.contains(&target)
-        {
+    /// A handle's own dial of a destination it had no route for. Counted and judged as a
+    /// checkout through here was before (when handles asked first and dialed after): a first
+    /// sighting is counted as such (`passes`) and, if its dial was cheap, routed as cheap; a
+    /// second gets a manager, which hears of the dial as its first miss.
+    async fn dialed(
+        &mut self,
+        myself: &ActorRef<DirectoryMsg>,
+        target: TargetAddr,
+        dial: OutsideDial,
+    ) {
+        if self.cheap.contains(&target) {
+            // Dialed while its cheap route was being published.
+            self.cheap_passes += 1;
             return;
         }
+        if !self.managers.contains_key(&target) {
+            if dial.ok && dial.took < self.options.cheap_dial {
+                self.passes += 1;
+                self.route_cheap(target, dial.took);
+                return;
+            }
+            if !self.admits(&target) {
+                self.passes += 1;
+                return;
+            }
+        }
+        if let Some(manager) = self.manager_for(myself, &target).await {
+            // Lost only if the manager died this instant; its replacement starts from demand.
+            let _ = manager.cast(ManagerMsg::DialedOutside(dial));
+        }
+    }
+
+    /// A destination without a manager whose first dial took less than `cheap_dial`: from now
+    /// on handles dial it without a message (see `Route::Cheap`).
+    fn route_cheap(&mut self, target: TargetAddr, took: Duration) {
         if let Some(forgotten) = self.cheap.insert(target.clone(), self.options.max_destinations) {
             self.routes.remove_cheap(&forgotten);
         }

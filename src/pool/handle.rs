@@ -10,10 +10,11 @@ use ractor::{Actor, ActorRef, RpcReplyPort};
 use serde_json::json;
 use tokio::sync::watch;
 
+use super::admission::Admission;
 use super::category;
 use super::checkout_wait::CheckoutWaits;
 use super::directory::{CheapRoute, Directory, DirectoryArgs, Route, Routes};
-use super::messages::{Checkout, DirectoryMsg, ManagerMsg, SweepReport};
+use super::messages::{Checkout, DirectoryMsg, ManagerMsg, OutsideDial, SweepReport};
 use super::options::PoolOptions;
 use super::stats::{BudgetStats, DestStats, PoolStats};
 use crate::socks::TargetAddr;
@@ -166,9 +167,10 @@ impl Pool {
     }
 
     /// The pool's answer to a checkout, or why there is none. Straight to the destination's
-    /// manager when the Directory has published its route; through the Directory the first
-    /// time, and whenever the direct send fails (the manager died, is being restarted or was
-    /// pruned), since the Directory knows what replaced it.
+    /// manager when the Directory has published its route; through the Directory when there
+    /// is none (only harnesses that admit every destination ask before a first dial) and
+    /// whenever the direct send fails (the manager died, is being restarted or was pruned),
+    /// since the Directory knows what replaced it.
     async fn checkout(&self, target: &TargetAddr) -> Result<Checkout, String> {
         let checkout_timeout = self.options.load().checkout_timeout;
         if let Some(Route::Managed(route)) = self.routes.get(target) {
@@ -234,19 +236,34 @@ impl Pool {
         stream.peer_addr().is_ok_and(|peer| self.dialer.still_allowed(target, peer))
     }
 
-    /// A destination without a manager (a first sighting, or one the Directory answered
-    /// `Pass` for): dialed, and reported if the dial was cheap, so the next checkouts of a
-    /// same-host or LAN destination need no message at all.
-    async fn dial_unmanaged(&self, target: &TargetAddr) -> Result<Upstream, ConnectError> {
+    /// A destination with no route (not seen yet, seen once, or forgotten): dialed at once,
+    /// and the Directory told afterwards how the dial went, by a message that needs no answer.
+    /// It then counts a first sighting (a cheap one is routed as cheap, so its next checkouts
+    /// need no message at all) or admits a second one (its new manager counts this dial as a
+    /// miss), just as if the handle had asked first. Asking first cost every new destination
+    /// an actor round trip before its dial, and on 10,000 loopback destinations a tenth of
+    /// the sessions are new ones.
+    async fn dial_unrouted(&self, target: &TargetAddr) -> Result<Upstream, ConnectError> {
         let started = tokio::time::Instant::now();
-        let stream = self.dial(target).await?;
-        let took = started.elapsed();
-        if took < self.options.load().cheap_dial {
-            let report = DirectoryMsg::DialedCheap { target: target.clone(), took };
-            // Lost only while the pool stops; the destination is then simply judged again.
-            let _ = self.directory.cast(report);
-        }
-        Ok(Upstream::dialed(stream))
+        let dialed = self.dial(target).await;
+        let dial = OutsideDial {
+            ok: dialed.is_ok(),
+            took: started.elapsed(),
+            excluded: self.landed_excluded(&dialed),
+        };
+        // Lost only while the pool stops: the destination is then simply judged again.
+        let _ = self.directory.cast(DirectoryMsg::Dialed { target: target.clone(), dial });
+        Ok(Upstream::dialed(dialed?))
+    }
+
+    /// Whether a dial landed on an `exclude_networks` address: only a name's address is
+    /// unknown before its dial (a literal was judged already).
+    fn landed_excluded(&self, dialed: &Result<tokio::net::TcpStream, ConnectError>) -> bool {
+        let options = self.options.load();
+        !options.exclude_networks.is_empty()
+            && dialed.as_ref().is_ok_and(|stream| {
+                stream.peer_addr().is_ok_and(|peer| options.excluded_address(peer.ip()))
+            })
     }
 
     /// A destination routed as cheap: dialed without a message, its average dial time kept
@@ -273,13 +290,12 @@ impl Pool {
     ) -> Result<Upstream, ConnectError> {
         let started = tokio::time::Instant::now();
         let dialed = self.dial(target).await;
-        // Only a name's address is unknown before its dial (a literal was judged already).
-        let options = self.options.load();
-        let excluded = !options.exclude_networks.is_empty()
-            && dialed.as_ref().is_ok_and(|stream| {
-                stream.peer_addr().is_ok_and(|peer| options.excluded_address(peer.ip()))
-            });
-        lease.report_dial(dialed.is_ok(), started.elapsed(), excluded);
+        let dial = OutsideDial {
+            ok: dialed.is_ok(),
+            took: started.elapsed(),
+            excluded: self.landed_excluded(&dialed),
+        };
+        lease.report_dial(dial);
         // On error the lease is dropped here, which ends it.
         Ok(Upstream::leased(dialed?, Origin::Dialed, Box::new(lease)))
     }
@@ -305,7 +321,13 @@ impl Connector for Pool {
                     self.bypassed.fetch_add(1, Ordering::Relaxed);
                     return Ok(Upstream::dialed(self.dial(target).await?));
                 }
-                _ => {}
+                Some(Route::Managed(_)) => {}
+                // Admitted on a second sighting: nothing the Directory could answer now would
+                // be a spare. (Harnesses that admit every destination still ask first.)
+                None if self.options.load().admission != Admission::Always => {
+                    return self.dial_unrouted(target).await;
+                }
+                None => {}
             }
             for _ in 0..=STALE_SPARES_PER_CHECKOUT {
                 let asked = tokio::time::Instant::now();
@@ -320,8 +342,9 @@ impl Connector for Pool {
                         lease.stale();
                     }
                     Ok(Checkout::Miss { lease }) => return self.dial_for_miss(target, lease).await,
-                    // A first sighting, or a cheap destination (see `Route::Cheap`).
-                    Ok(Checkout::Pass) => return self.dial_unmanaged(target).await,
+                    // Not managed after all (pruned meanwhile, or a cheap destination whose
+                    // route was being published): dialed, nothing to track.
+                    Ok(Checkout::Pass) => return Ok(Upstream::dialed(self.dial(target).await?)),
                     Err(why) => {
                         self.fallback_dials.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%target, %why, "pool unavailable; dialing directly");

@@ -1,11 +1,9 @@
 //! The pool's side of `upstream::Lease`: tells the PoolManager when a session ends.
 
-use std::time::Duration;
-
 use ractor::ActorRef;
 use tokio::time::Instant;
 
-use super::messages::{LeaseOutcome, ManagerMsg, Returned};
+use super::messages::{LeaseOutcome, ManagerMsg, OutsideDial, Returned};
 use crate::upstream::{Lease, LeaseEnd};
 
 /// One outstanding session of a PoolManager. Ending it, by `finish`, `stale` or by being
@@ -32,13 +30,12 @@ impl PoolLease {
     }
 
     /// Reports the outcome of the caller's own dial after a `Miss`, and how long it took.
-    /// `excluded`: the connection landed on a network the pool must not keep spares for.
-    pub fn report_dial(&mut self, ok: bool, took: Duration, excluded: bool) {
-        if ok {
+    pub fn report_dial(&mut self, dial: OutsideDial) {
+        if dial.ok {
             self.born = Some(Instant::now());
         }
         if let Some(manager) = &self.manager {
-            let _ = manager.cast(ManagerMsg::MissDialed { ok, took, excluded });
+            let _ = manager.cast(ManagerMsg::MissDialed(dial));
         }
     }
 

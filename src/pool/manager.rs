@@ -22,7 +22,8 @@ use tokio::time::Instant;
 use super::category;
 use super::lease::PoolLease;
 use super::messages::{
-    BudgetMsg, Checkout, Fault, LeaseOutcome, ManagerMsg, ManagerSweep, Returned, SlotId, SpareId,
+    BudgetMsg, Checkout, Fault, LeaseOutcome, ManagerMsg, ManagerSweep, OutsideDial, Returned,
+    SlotId, SpareId,
 };
 use super::options::PoolOptions;
 use super::refill::{Backoff, RefillTarget, SURPLUS_GRACE};
@@ -198,20 +199,13 @@ impl ManagerState {
                 }
                 self.release(myself, returned)
             }
-            ManagerMsg::MissDialed { ok, took, excluded } => {
-                if excluded {
-                    self.excluded = true;
-                }
-                if ok {
-                    self.counters.created += 1;
-                    // The client's own dial measures the path as well as a background one.
-                    self.refill.observe_dial(took);
-                    // Only now: a destination that refuses or does not resolve gets no
-                    // background dial (one client's typo used to start one, and a warning).
-                    self.maybe_refill(myself, Instant::now());
-                } else {
-                    self.counters.connect_failures += 1;
-                }
+            ManagerMsg::MissDialed(dial) => self.miss_dialed(myself, dial),
+            ManagerMsg::DialedOutside(dial) => {
+                // Routed by the Directory means it still lists us: not being pruned.
+                self.retiring = false;
+                self.observe_demand(Instant::now());
+                self.counters.misses += 1;
+                self.miss_dialed(myself, dial);
             }
             ManagerMsg::DialDone { slot, result, took } => {
                 self.dial_done(myself, slot, result, took)
@@ -249,9 +243,7 @@ impl ManagerState {
     /// in use and, if the refill target wants it, background dials are started.
     fn checkout(&mut self, myself: &ActorRef<ManagerMsg>) -> Checkout {
         let now = Instant::now();
-        self.last_activity = now;
-        self.refill.observe_checkout(now);
-        self.server_limit.observe_checkout(now);
+        self.observe_demand(now);
         let retire_age = self.server_limit.retire_age(now);
         let mut found = None;
         while let Some(spare) = self.idle.pop() {
@@ -301,6 +293,31 @@ impl ManagerState {
                 self.counters.misses += 1;
                 Checkout::Miss { lease: PoolLease::new(myself.clone(), false, None) }
             }
+        }
+    }
+
+    /// A client asked for this destination: what the refill target and the server's learned
+    /// idle limit measure demand by.
+    fn observe_demand(&mut self, now: Instant) {
+        self.last_activity = now;
+        self.refill.observe_checkout(now);
+        self.server_limit.observe_checkout(now);
+    }
+
+    /// A client's own dial after a miss finished.
+    fn miss_dialed(&mut self, myself: &ActorRef<ManagerMsg>, dial: OutsideDial) {
+        if dial.excluded {
+            self.excluded = true;
+        }
+        if dial.ok {
+            self.counters.created += 1;
+            // The client's own dial measures the path as well as a background one.
+            self.refill.observe_dial(dial.took);
+            // Only now: a destination that refuses or does not resolve gets no background
+            // dial (one client's typo used to start one, and a warning).
+            self.maybe_refill(myself, Instant::now());
+        } else {
+            self.counters.connect_failures += 1;
         }
     }
 

@@ -44,6 +44,15 @@ pub struct Returned {
     pub born: Instant,
 }
 
+/// A client's own dial, made outside the pool's actors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutsideDial {
+    pub ok: bool,
+    pub took: Duration,
+    /// It landed on an `exclude_networks` address (a name's address is known only now).
+    pub excluded: bool,
+}
+
 /// How a lease's session went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseOutcome {
@@ -108,10 +117,12 @@ pub enum ManagerMsg {
     /// A lease ended: how, whether it was a hit, the stream back if it is still a spare, and
     /// how long the session held it.
     Release { returned: Option<Returned>, hit: bool, outcome: LeaseOutcome, held: Duration },
-    /// The caller of a `Miss` finished its own dial (`took`: how long, which the refill target
-    /// uses as a measure of the path). `excluded`: it landed on an excluded network, so this
-    /// destination gets no spares.
-    MissDialed { ok: bool, took: Duration, excluded: bool },
+    /// The caller of a `Miss` finished its own dial (its time is a measure of the path for the
+    /// refill target; one on an excluded network means this destination gets no spares).
+    MissDialed(OutsideDial),
+    /// A checkout the Directory admitted after its handle had already dialed (the
+    /// destination's second sighting, see `DirectoryMsg::Dialed`): a miss, with its dial.
+    DialedOutside(OutsideDial),
     /// A background dial finished.
     DialDone { slot: SlotId, result: Result<TcpStream, ConnectError>, took: Duration },
     /// The GlobalBudget granted a reservation requested with `tag`.
@@ -172,9 +183,11 @@ pub enum BudgetMsg {
 pub enum DirectoryMsg {
     /// Forwarded to the destination's PoolManager, created on first demand.
     Acquire(TargetAddr, RpcReplyPort<Checkout>),
-    /// A handle dialed a destination without a manager in `took`: under `cheap_dial`, it is
-    /// routed as cheap (no manager, no message on its checkouts).
-    DialedCheap { target: TargetAddr, took: Duration },
+    /// A handle dialed a destination it had no route for, without asking first (see
+    /// `Pool::dial_unrouted`), and tells how it went: a dial under `cheap_dial` routes it as
+    /// cheap (no manager, no message on its checkouts); otherwise a first sighting is only
+    /// remembered, and a second one gets a manager, which counts this dial as its first miss.
+    Dialed { target: TargetAddr, dial: OutsideDial },
     /// A cheap destination's dials became slower than `cheap_dial` on average: its route is
     /// dropped, and its next checkouts go through admission again.
     NoLongerCheap(TargetAddr),

@@ -40,8 +40,10 @@
 //!   destinations.
 //!
 //! Client handlers use [`Pool`] through [`Connector`](crate::upstream::Connector): one call
-//! with a timeout per checkout, and on any failure of the pool a direct dial. Bytes never pass
-//! through an actor.
+//! with a timeout per checkout of a managed destination, and on any failure of the pool a
+//! direct dial. A destination without a manager costs no wait at all: it is dialed at once and
+//! the Directory hears of it afterwards by a message that needs no answer; a cheap one not
+//! even that. Bytes never pass through an actor.
 //!
 //! # Harnesses
 //! Everything is public so a test can script the pool without the SOCKS server: inject a
@@ -78,7 +80,7 @@
 //! assert_eq!(first.origin, Origin::Dialed);
 //! first.finish(false); // it carried traffic: closed, never pooled
 //!
-//! // Second: a miss (dialed for us), which starts a background dial of a spare.
+//! // Second: admitted (a miss, dialed for us); its new manager starts a background dial.
 //! let second = pool.acquire(&target).await?;
 //! assert_eq!(second.origin, Origin::Dialed);
 //! second.finish(false);
@@ -122,7 +124,7 @@ pub use handle::{Pool, PoolError};
 pub use lease::PoolLease;
 pub use messages::{
     BudgetMsg, Checkout, DirectoryMsg, Fault, JanitorMsg, LeaseOutcome, ManagerMsg, ManagerSweep,
-    Returned, SweepReport,
+    OutsideDial, Returned, SweepReport,
 };
 pub use options::PoolOptions;
 pub use refill::{RefillMode, RefillStats};
