@@ -29,6 +29,7 @@ LOADGEN="$TARGET_DIR/release/loadgen"
 DELAYLINE="$TARGET_DIR/release/delayline"
 POOLSOCKS="$TARGET_DIR/release/poolsocks"
 MINIRELAY="$TARGET_DIR/release/minirelay"
+SOCKSFLOOR="$TARGET_DIR/release/socksfloor"
 FIXEDPOOL="$TARGET_DIR/release/fixedpool"
 
 SMOKE=0
@@ -80,7 +81,7 @@ FAR_IF=ltfar0
 NEAR_ADDR=198.18.0.1
 FAR_ADDR=198.18.1.1
 FAR_UPSTREAM=$FAR_ADDR:80
-declare -A PROXY_PORT=([poolsocks]=14101 [pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106 [minirelay]=14107 [fixedpool]=14108)
+declare -A PROXY_PORT=([poolsocks]=14101 [pool-off]=14101 [pool-default]=14102 [pool-tuned]=14103 [dante]=14105 [microsocks]=14106 [minirelay]=14107 [fixedpool]=14108 [socksfloor]=14109)
 declare -A STATS_PORT=([pool-off]=14111 [pool-default]=14112 [pool-tuned]=14113 [fixedpool]=14118)
 declare -A STATS_PATH=([pool-off]=/api/pool/stats [pool-default]=/api/pool/stats [pool-tuned]=/api/pool/stats [fixedpool]=/)
 # fixedpool: the "least a pool can be" of issue 18: 64 spares per destination (pool-tuned's
@@ -152,7 +153,7 @@ install_peer() { # binary package
   timeout 300 apt-get update -qq >/dev/null 2>&1 || true
   DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq "$2" >/dev/null 2>&1
 }
-HAVE+=(fixedpool)
+HAVE+=(fixedpool socksfloor)
 if install_peer danted dante-server; then HAVE+=(dante); else skip "Dante: danted missing and dante-server could not be installed"; fi
 if install_peer microsocks microsocks; then HAVE+=(microsocks); else skip "microsocks: missing and could not be installed"; fi
 if [ -n "$CONFIGS" ]; then
@@ -164,7 +165,7 @@ if [ -n "$CONFIGS" ]; then
 fi
 say "configurations: ${HAVE[*]}"
 
-for port in 14080 14090 14101 14102 14103 14105 14106 14107 14108 14111 14112 14113 14118; do
+for port in 14080 14090 14101 14102 14103 14105 14106 14107 14108 14109 14111 14112 14113 14118; do
   port_free "$port" || { say "FAIL: port $port is in use; run.sh needs 12000-12999 and 14080-14118 free"; exit 1; }
 done
 
@@ -209,6 +210,7 @@ start_proxy() {
     dante) dante_conf "$external"; danted -f "$WORK/danted-$external.conf" -p "$WORK/danted.pid" >>"$WORK/dante.log" 2>&1 & ;;
     microsocks) microsocks -i 127.0.0.1 -p "${PROXY_PORT[microsocks]}" >"$WORK/microsocks.log" 2>&1 & ;;
     minirelay) "$MINIRELAY" --listen "127.0.0.1:${PROXY_PORT[minirelay]}" --duration 3600 >"$WORK/minirelay.log" 2>&1 & ;;
+    socksfloor) "$SOCKSFLOOR" --listen "127.0.0.1:${PROXY_PORT[socksfloor]}" --duration 3600 >"$WORK/socksfloor.log" 2>&1 & ;;
     fixedpool) "$FIXEDPOOL" --listen "127.0.0.1:${PROXY_PORT[fixedpool]}" \
                  --stats "127.0.0.1:${STATS_PORT[fixedpool]}" "${FIXEDPOOL_ARGS[@]}" --duration 3600 \
                  >"$WORK/fixedpool.log" 2>&1 & ;;
@@ -250,6 +252,9 @@ measure() {
     for cfg in $(rotated "${HAVE[@]}"); do
       if [ "$mode" = hold ] && [ "$cfg" = direct ]; then continue; fi
       if [ -n "$MEASURE_ONLY" ] && [[ " $MEASURE_ONLY " != *" $cfg "* ]]; then continue; fi
+      # The floor answers in the destination's place: only a destination that answers at once
+      # is one it can stand in for, and only latency at an offered rate compares.
+      if [ "$cfg" = socksfloor ] && [ "$scenario" != fast-local-paced ]; then continue; fi
       start_proxy "$cfg" "$external" || { FAILED+=("$scenario/$cfg: proxy did not start"); continue; }
       args=($(route_args "$cfg"))
       if [ "$mode" = hold ] && [ -n "$PROXY_PID" ]; then args+=(--pid "$PROXY_PID"); fi

@@ -38,8 +38,9 @@ pub struct ReportArgs {
 }
 
 /// Fixed order for the known configurations; others follow alphabetically.
-const ORDER: [&str; 9] = [
+const ORDER: [&str; 10] = [
     "direct",
+    "socksfloor",
     "minirelay",
     "poolsocks",
     "pool-off",
@@ -441,6 +442,12 @@ fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
     }
     if let (Some(off), Some(direct)) = (find("pool-off"), find("direct")) {
         lines.push(format!("pool-off p99 / direct p99: {:.2}x", p99(off) / p99(direct).max(1.0)));
+    }
+    if let (Some(floor), Some(direct)) = (find("socksfloor"), find("direct")) {
+        lines.push(format!(
+            "socksfloor p99 / direct p99: {:.2}x (no SOCKS5 proxy measures below the floor)",
+            p99(floor) / p99(direct).max(1.0)
+        ));
     }
     for on in ["pool-default", "pool-tuned"] {
         if let (Some(on_record), Some(off)) = (find(on), find("pool-off")) {

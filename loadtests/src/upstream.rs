@@ -139,6 +139,12 @@ async fn accept_loop(listener: TcpListener, counters: Arc<Counters>) {
     }
 }
 
+/// Answers HTTP requests on `stream` as this upstream does, until the peer closes (for
+/// `socksfloor`, which answers in the destination's place).
+pub async fn answer_requests(stream: TcpStream) {
+    serve_connection(stream, &Counters::default()).await;
+}
+
 /// Serves requests until the peer closes; returns true if this was a harness stats connection.
 async fn serve_connection(mut stream: TcpStream, counters: &Counters) -> bool {
     let mut buf = ReadBuf::default();
