@@ -276,6 +276,25 @@ pub async fn session<C: Connector>(mut client: TcpStream, connector: &C) -> io::
     Ok(())
 }
 
+/// What every baseline proxy is told: where to listen and when to stop.
+#[derive(clap::Args)]
+pub struct Common {
+    /// Address to listen on (loopback only).
+    #[arg(long, value_parser = crate::targets::parse_addr)]
+    pub listen: SocketAddr,
+    /// Exit after this many seconds (everything the harness starts stops by itself).
+    #[arg(long, default_value_t = 3600.0)]
+    pub duration: f64,
+}
+
+/// `listen`, or the baseline `name` says why not and exits: without its listener it is no use.
+pub fn listen_or_exit(name: &str, addr: SocketAddr) -> TcpListener {
+    listen(addr).unwrap_or_else(|e| {
+        eprintln!("{name}: listen on {addr}: {e}");
+        std::process::exit(1);
+    })
+}
+
 /// Binds a listener with a deep backlog (runs open many connections in bursts).
 pub fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {

@@ -16,9 +16,8 @@ use loadgen::fixedpool::{serve_stats, FixedPool, PoolConnector};
 #[derive(Parser)]
 #[command(about = "Minimal tokio SOCKS5 proxy with a fixed stock of spares per destination")]
 struct Args {
-    /// Address to listen on (loopback only).
-    #[arg(long, value_parser = loadgen::targets::parse_addr)]
-    listen: SocketAddr,
+    #[command(flatten)]
+    common: baseline::Common,
     /// Spares kept per destination.
     #[arg(long, default_value_t = 64)]
     spares: usize,
@@ -28,9 +27,6 @@ struct Args {
     /// Answer any HTTP GET here with the counters as JSON (`total_idle`, `pool_hits`, ...).
     #[arg(long, value_parser = loadgen::targets::parse_addr)]
     stats: Option<SocketAddr>,
-    /// Exit after this many seconds (everything the harness starts stops by itself).
-    #[arg(long, default_value_t = 3600.0)]
-    duration: f64,
 }
 
 #[tokio::main]
@@ -41,26 +37,19 @@ async fn main() {
         eprintln!("fixedpool: could not raise RLIMIT_NOFILE: {e}");
     }
     let pool = FixedPool::new(args.spares, args.max_total);
-    let bind = |addr: SocketAddr| match baseline::listen(addr) {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("fixedpool: listen on {addr}: {e}");
-            std::process::exit(1);
-        }
-    };
     if let Some(stats) = args.stats {
-        tokio::spawn(serve_stats(bind(stats), pool.clone()));
+        tokio::spawn(serve_stats(baseline::listen_or_exit("fixedpool", stats), pool.clone()));
     }
-    let listener = bind(args.listen);
+    let listener = baseline::listen_or_exit("fixedpool", args.common.listen);
     eprintln!(
         "fixedpool: listening on {}, {} spares per destination, cap {} in all, for at most {:.0} s",
-        args.listen,
+        args.common.listen,
         args.spares,
         if args.max_total == 0 { "none".to_string() } else { args.max_total.to_string() },
-        args.duration
+        args.common.duration
     );
     tokio::spawn(baseline::serve(listener, Arc::new(PoolConnector(pool))));
-    if let Err(e) = baseline::run_until_stopped(args.duration).await {
+    if let Err(e) = baseline::run_until_stopped(args.common.duration).await {
         eprintln!("fixedpool: {e}");
     }
 }

@@ -4,7 +4,6 @@
 //!
 //!   minirelay --listen 127.0.0.1:14107 [--duration 3600]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
@@ -14,28 +13,18 @@ use loadgen::baseline::{self, Dialer};
 #[derive(Parser)]
 #[command(about = "Minimal tokio SOCKS5 relay (baseline): CONNECT, copy_bidirectional")]
 struct Args {
-    /// Address to listen on (loopback only).
-    #[arg(long, value_parser = loadgen::targets::parse_addr)]
-    listen: SocketAddr,
-    /// Exit after this many seconds (everything the harness starts stops by itself).
-    #[arg(long, default_value_t = 3600.0)]
-    duration: f64,
+    #[command(flatten)]
+    common: baseline::Common,
 }
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
+    let args = Args::parse().common;
     // 10,000 held sessions need 20,000 descriptors.
     if let Err(e) = loadgen::limits::raise_nofile(65_536) {
         eprintln!("minirelay: could not raise RLIMIT_NOFILE: {e}");
     }
-    let listener = match baseline::listen(args.listen) {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("minirelay: listen on {}: {e}", args.listen);
-            std::process::exit(1);
-        }
-    };
+    let listener = baseline::listen_or_exit("minirelay", args.listen);
     eprintln!("minirelay: listening on {} for at most {:.0} s", args.listen, args.duration);
     tokio::spawn(baseline::serve(listener, Arc::new(Dialer)));
     if let Err(e) = baseline::run_until_stopped(args.duration).await {

@@ -10,7 +10,6 @@
 //!
 //!   socksfloor --listen 127.0.0.1:14109 [--duration 3600]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -22,24 +21,14 @@ use loadgen::baseline;
 #[derive(Parser)]
 #[command(about = "The floor under a SOCKS5 proxy's latency: handshake, then answers itself")]
 struct Args {
-    /// Address to listen on (loopback only).
-    #[arg(long, value_parser = loadgen::targets::parse_addr)]
-    listen: SocketAddr,
-    /// Exit after this many seconds (everything the harness starts stops by itself).
-    #[arg(long, default_value_t = 3600.0)]
-    duration: f64,
+    #[command(flatten)]
+    common: baseline::Common,
 }
 
 #[tokio::main]
 async fn main() {
-    let args = Args::parse();
-    let listener = match baseline::listen(args.listen) {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("socksfloor: listen on {}: {e}", args.listen);
-            std::process::exit(1);
-        }
-    };
+    let args = Args::parse().common;
+    let listener = baseline::listen_or_exit("socksfloor", args.listen);
     eprintln!("socksfloor: listening on {} for at most {:.0} s", args.listen, args.duration);
     tokio::spawn(async move {
         loop {
