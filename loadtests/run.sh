@@ -228,13 +228,20 @@ route_args() { # cfg
   if [ "$1" = direct ]; then echo --direct; else echo --proxy "127.0.0.1:${PROXY_PORT[$1]}"; fi
 }
 
-# Prints the configurations of "$@" for round $ROUND_NO: each round starts one configuration
-# later, so no configuration always runs first on a quiet machine or always right after the
-# same neighbour (a fixed order left one configuration 10% behind another it equals).
-rotated() {
-  local n=$# i
-  local list=("$@")
-  for ((i = 0; i < n; i++)); do echo "${list[$(((i + ROUND_NO - 1) % n))]}"; done
+# Prints the configurations of "$@" for round $ROUND_NO, shuffled with the round number as
+# the seed (the same order on every run). A fixed order left one configuration 10% behind
+# another it equals; a rotation still ran each one right after the same neighbour and the
+# same time after direct's burst of connections, every round (on 1,000 destinations the two
+# pool configurations, third and fourth after direct, drew 0.89-0.94x pool-off while their
+# CPU per session was level with it).
+shuffled() {
+  local list=("$@") i j swap
+  RANDOM=$((ROUND_NO * 7919))
+  for ((i = ${#list[@]} - 1; i > 0; i--)); do
+    j=$((RANDOM % (i + 1)))
+    swap=${list[$i]}; list[$i]=${list[$j]}; list[$j]=$swap
+  done
+  printf '%s\n' "${list[@]}"
 }
 
 # Runs `loadgen $mode ...` against every configuration, ROUNDS times, interleaved.
@@ -249,7 +256,7 @@ measure() {
   mkdir -p "$dir"
   for round in $(seq 1 "$ROUNDS"); do
     ROUND_NO=$round
-    for cfg in $(rotated "${HAVE[@]}"); do
+    for cfg in $(shuffled "${HAVE[@]}"); do
       if [ "$mode" = hold ] && [ "$cfg" = direct ]; then continue; fi
       if [ -n "$MEASURE_ONLY" ] && [[ " $MEASURE_ONLY " != *" $cfg "* ]]; then continue; fi
       # The floor answers in the destination's place: only a destination that answers at once
@@ -268,6 +275,9 @@ measure() {
       if [ "$MEASURE_STRACE" = 1 ]; then
         [ -n "$PROXY_PID" ] || continue
         args+=(--strace-pid "$PROXY_PID")
+      elif [ "$mode" = run ] && [ -n "$PROXY_PID" ] && [ "$cfg" != dante ]; then
+        # The proxy's CPU per session (Dante serves from forked children: not one process).
+        args+=(--cpu-pid "$PROXY_PID")
       fi
       local strict=()
       # Our own daemon and the baseline must not fail in smoke runs; the peers' hiccups are
@@ -502,7 +512,7 @@ measure_udp() { # mode [loadgen args...]
   mkdir -p "$dir"
   for round in $(seq 1 "$ROUNDS"); do
     ROUND_NO=$round
-    for cfg in $(rotated "${UDP_HAVE[@]}"); do
+    for cfg in $(shuffled "${UDP_HAVE[@]}"); do
       if [ "$mode" = udp-hold ] && [ "$cfg" = direct ]; then continue; fi
       start_proxy "$cfg" 127.0.0.1 || { FAILED+=("udp/$cfg: proxy did not start"); continue; }
       args=($(route_args "$cfg"))

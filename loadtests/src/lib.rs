@@ -5,6 +5,7 @@
 pub mod baseline;
 pub mod bulk;
 pub mod client;
+pub mod cpu;
 pub mod fixedpool;
 pub mod hold;
 pub mod http;

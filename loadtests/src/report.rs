@@ -184,8 +184,8 @@ pub fn report(args: ReportArgs) -> Result<(), String> {
     }
     let _ = writeln!(
         md,
-        "Each configuration ran {} time(s), rounds interleaved (each round starts one \
-         configuration later); \"best\" is the best round, latencies are from that round, \
+        "Each configuration ran {} time(s), rounds interleaved (each round in its own \
+         shuffled order); \"best\" is the best round, latencies are from that round, \
          spread is min–max over rounds, median is the middle round's figure. Ratios compare \
          best figures from this one run (and, where marked, the medians, and \"round by round\": \
          the median of the ratios taken within each round, where both ran minutes apart at most).{}\n",
@@ -338,29 +338,38 @@ fn mean_idle_text(record: &RunRecord) -> String {
 }
 
 fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
-    let rtt_col = if args.rtt_ms.is_some() { " p50 (RTT) | p99 (RTT) |" } else { "" };
+    let rtt_col = if args.rtt_ms.is_some() {
+        " p50 (RTT) | p99 (RTT) | request p99 (RTT) |"
+    } else {
+        " request p99 ms |"
+    };
     let _ = writeln!(
         md,
-        "| config | rounds | best rps | spread rps | median rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} upstream conns / session | max idle sampled | mean idle held | budget high water | idle after load | cold ramp: hits in 1st s | hit rate after 1st s | errors |",
+        "| config | rounds | best rps | spread rps | median rps | vs {} | vs {} | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms |{rtt_col} proxy CPU µs / session | upstream conns / session | max idle sampled | mean idle held | budget high water | idle after load | cold ramp: hits in 1st s | hit rate after 1st s | errors |",
         args.baseline, args.pool_off
     );
     let _ = writeln!(
         md,
-        "|---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|---|---|",
-        if args.rtt_ms.is_some() { "---|---|" } else { "" }
+        "|---|---|---|---|---|---|---|---|---|---|---|---|{}---|---|---|---|---|---|---|---|---|",
+        if args.rtt_ms.is_some() { "---|---|---|" } else { "---|" }
     );
     for group in groups {
         let Some(best) = group.best() else { continue };
         let (min, max) = group.spread();
         let lat = best.session_latency.clone().unwrap_or_default();
         let rtt = if args.rtt_ms.is_some() {
-            format!(" {} | {} |", in_rtt(lat.p50_us, args.rtt_ms), in_rtt(lat.p99_us, args.rtt_ms))
+            format!(
+                " {} | {} | {} |",
+                in_rtt(lat.p50_us, args.rtt_ms),
+                in_rtt(lat.p99_us, args.rtt_ms),
+                in_rtt(request_p99_us(best), args.rtt_ms)
+            )
         } else {
-            String::new()
+            format!(" {} |", ms(request_p99_us(best)))
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {} | {} | {} | {} | {} | {} | {} |{rtt} {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             group.label,
             group.runs.len(),
             best.rps,
@@ -374,6 +383,7 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             ms(lat.p99_us),
             ms(lat.p999_us),
             ms(lat.max_us),
+            cpu_text(group),
             conns_per_session(best),
             max_idle_sampled(group),
             mean_idle_text(best),
@@ -400,7 +410,39 @@ fn run_table(md: &mut String, groups: &[Group], args: &ReportArgs) {
             .unwrap_or(1000)
             .max(1)
     );
+    let _ = writeln!(
+        md,
+        "\n\"proxy CPU µs / session\" is the proxy process's user and system time over the \
+         measured window (all threads, /proc/PID/stat) divided by the sessions in it, median \
+         over rounds; the stats endpoint's one request a second is included. Dante forks a \
+         process per client batch, so it has none."
+    );
+    let _ = writeln!(
+        md,
+        "\n\"request p99\" leaves out the connect and the SOCKS handshake: from an HTTP request \
+         written to its response read, the part a proxy relays. Direct's figure is the path's \
+         own (a request on a connection just opened); on a distant path it is the floor under \
+         any pool's."
+    );
     goal_lines(md, groups, args);
+}
+
+/// The proxy's CPU per session: the median over rounds (a cost, steadier than any one round).
+fn cpu_text(group: &Group) -> String {
+    median_cpu(group).map_or_else(|| "—".into(), |us| format!("{us:.1}"))
+}
+
+fn median_cpu(group: &Group) -> Option<f64> {
+    let mut values: Vec<f64> = group.runs.iter().filter_map(|r| r.cpu_us_per_session()).collect();
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some(values[values.len() / 2])
+}
+
+fn request_p99_us(record: &RunRecord) -> u64 {
+    record.request_latency.as_ref().map_or(0, |l| l.p99_us)
 }
 
 fn conns_per_session(record: &RunRecord) -> String {
@@ -432,16 +474,32 @@ fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
         text
     };
     let p99 = |r: &RunRecord| r.session_latency.as_ref().map_or(0, |l| l.p99_us) as f64;
+    // Medians over rounds of the proxy's CPU per session, when both were read.
+    let cpu_ratio = |ours: &str, theirs: &str| match (
+        group_of(ours).and_then(median_cpu),
+        group_of(theirs).and_then(median_cpu),
+    ) {
+        (Some(a), Some(b)) if b > 0.0 => {
+            format!(", CPU / session {:.2}x ({a:.1} vs {b:.1} µs)", a / b)
+        }
+        _ => String::new(),
+    };
     let mut lines = Vec::new();
     if let (Some(off), Some(relay)) = (find("pool-off"), find("minirelay")) {
         lines.push(format!(
-            "pool-off / minirelay: rps {}, p99 {:.2}x",
+            "pool-off / minirelay: rps {}, p99 {:.2}x{}",
             rps_ratio("pool-off", off, "minirelay", relay),
-            p99(off) / p99(relay).max(1.0)
+            p99(off) / p99(relay).max(1.0),
+            cpu_ratio("pool-off", "minirelay")
         ));
     }
     if let (Some(off), Some(direct)) = (find("pool-off"), find("direct")) {
-        lines.push(format!("pool-off p99 / direct p99: {:.2}x", p99(off) / p99(direct).max(1.0)));
+        let request = |r: &RunRecord| request_p99_us(r) as f64;
+        lines.push(format!(
+            "pool-off p99 / direct p99: {:.2}x (request p99, the relayed part: {:.2}x)",
+            p99(off) / p99(direct).max(1.0),
+            request(off) / request(direct).max(1.0)
+        ));
     }
     if let (Some(floor), Some(direct)) = (find("socksfloor"), find("direct")) {
         lines.push(format!(
@@ -452,16 +510,28 @@ fn goal_lines(md: &mut String, groups: &[Group], args: &ReportArgs) {
     for on in ["pool-default", "pool-tuned"] {
         if let (Some(on_record), Some(off)) = (find(on), find("pool-off")) {
             lines.push(format!(
-                "{on} / pool-off: rps {}, upstream conns / session {}",
+                "{on} / pool-off: rps {}, upstream conns / session {}{}",
                 rps_ratio(on, on_record, "pool-off", off),
-                conns_per_session(on_record)
+                conns_per_session(on_record),
+                cpu_ratio(on, "pool-off")
             ));
         }
     }
     if let (Some(tuned), Some(fixed)) = (find("pool-tuned"), find("fixedpool")) {
         let rtts = if args.rtt_ms.is_some() {
-            let rtt = |r: &RunRecord| in_rtt(p99(r) as u64, args.rtt_ms);
-            format!(" ({} vs {} RTT)", rtt(tuned), rtt(fixed))
+            let rtt = |us: u64| in_rtt(us, args.rtt_ms);
+            let mut text = format!(
+                " ({} vs {} RTT; request p99 {} vs {} RTT",
+                rtt(p99(tuned) as u64),
+                rtt(p99(fixed) as u64),
+                rtt(request_p99_us(tuned)),
+                rtt(request_p99_us(fixed))
+            );
+            if let Some(direct) = find("direct") {
+                let _ = write!(text, ", the path's own: {} RTT", rtt(request_p99_us(direct)));
+            }
+            text.push(')');
+            text
         } else {
             String::new()
         };

@@ -105,6 +105,11 @@ pub struct RunArgs {
     /// sessions run; the counts go into the record (mode "syscalls").
     #[arg(long)]
     pub strace_pid: Option<u32>,
+    /// Read this process's CPU time (user and system, all its threads, from /proc/PID/stat)
+    /// when the measured window starts and ends: the record then carries the proxy's CPU per
+    /// session, a cost that moves far less with a noisy host than rps does.
+    #[arg(long)]
+    pub cpu_pid: Option<u32>,
     /// Seconds of load before measuring, so pools and caches reach their steady state.
     #[arg(long, default_value_t = 0.0)]
     pub warmup: f64,
@@ -255,6 +260,7 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
 
     tokio::time::sleep_until(measure_from.into()).await;
     let before = upstream_counts(&upstream_addrs).await;
+    let cpu_before = args.cpu_pid.and_then(crate::cpu::process_cpu);
     let measure_started = Instant::now();
 
     let mut session_hist = new_histogram();
@@ -274,6 +280,10 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
         session_log.extend(result.log);
     }
     let elapsed = measure_started.elapsed().as_secs_f64();
+    let proxy_cpu = match (cpu_before, args.cpu_pid.and_then(crate::cpu::process_cpu)) {
+        (Some(before), Some(after)) => Some(after.since(before)),
+        _ => None,
+    };
     let _ = load_done.send(true);
     let traced = match strace.take() {
         Some(strace) => Some(strace.finish().await?),
@@ -343,6 +353,7 @@ pub async fn run(args: RunArgs) -> Result<RunRecord, String> {
             args.sessions.map_or(started, |limit| started.min(limit))
         },
         syscalls: traced.unwrap_or_default(),
+        proxy_cpu,
         ..RunRecord::default()
     })
 }

@@ -128,6 +128,8 @@ pub struct RunRecord {
     pub traced_sessions: u64,
     /// `strace -c` of the proxy over the run, by syscall.
     pub syscalls: BTreeMap<String, SyscallCount>,
+    /// `--cpu-pid`: the proxy's CPU time over the measured window.
+    pub proxy_cpu: Option<crate::cpu::CpuTime>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -139,5 +141,11 @@ pub struct SyscallCount {
 impl RunRecord {
     pub fn error_total(&self) -> u64 {
         self.errors.values().sum()
+    }
+
+    /// The proxy's CPU time (user and system) per measured session, in µs.
+    pub fn cpu_us_per_session(&self) -> Option<f64> {
+        let cpu = self.proxy_cpu?;
+        (self.sessions > 0).then(|| (cpu.user_us + cpu.system_us) as f64 / self.sessions as f64)
     }
 }
