@@ -412,6 +412,13 @@ async fn a_new_destination_is_dialed_without_waiting_for_a_busy_directory() {
 
     let report = pass.await.expect("janitor task").expect("janitor pass");
     assert_eq!(report.unresponsive, 1, "the pass did wait on the stalled manager");
+    // The second sighting reaches its new manager by casts (Directory, then manager): await
+    // its miss being counted instead of racing it.
+    let mut view = pool.watch_destination(&new).await.expect("pool");
+    tokio::time::timeout(Duration::from_secs(5), view.wait_for(|s| s.counters.misses == 1))
+        .await
+        .expect("the second sighting is counted as a miss")
+        .expect("view");
     let stats = pool.stats().await.expect("stats");
     assert_eq!((stats.first_sightings, stats.pool_misses), (2, 2), "{stats:?}");
     assert!(pool.manager_of(&new).await.expect("pool").is_some(), "admitted on its second");
