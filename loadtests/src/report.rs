@@ -433,12 +433,7 @@ fn cpu_text(group: &Group) -> String {
 }
 
 fn median_cpu(group: &Group) -> Option<f64> {
-    let mut values: Vec<f64> = group.runs.iter().filter_map(|r| r.cpu_us_per_session()).collect();
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    Some(values[values.len() / 2])
+    median_of(group.runs.iter().filter_map(|r| r.cpu_us_per_session()).collect())
 }
 
 fn request_p99_us(record: &RunRecord) -> u64 {
