@@ -110,15 +110,11 @@ pub async fn dial(
             return Err(phase_timeout());
         }
         let timeout = limits.per_address.min(deadline - now);
-        match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(timeout, connect(addr)).await {
             // The peer of a connection made to `addr` is `addr`: the kernel reroutes only the
             // unspecified addresses, which the rules refuse before any connect. So the rules
-            // judged this connection's real peer above, without a getpeername(2) per session.
-            Ok(Ok(stream)) => {
-                // Request/response traffic must not wait on Nagle + delayed ACK.
-                let _ = stream.set_nodelay(true);
-                return Ok(stream);
-            }
+            // judged this connection's real peer above.
+            Ok(Ok(stream)) => return Ok(stream),
             Ok(Err(source)) => last_error = Some(ConnectError::Io { addr, source }),
             Err(_) if timeout < limits.per_address => return Err(phase_timeout()),
             Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),
@@ -128,6 +124,36 @@ pub async fn dial(
         return Err(ConnectError::NotAllowed(target.clone()));
     }
     Err(last_error.unwrap_or_else(|| ConnectError::NoAddress { host: target.to_string() }))
+}
+
+/// Connects to `addr` with `TCP_NODELAY` set (request/response traffic must not wait on Nagle
+/// and delayed ACKs).
+///
+/// A loopback or same-host connect is usually complete when connect(2) returns `EINPROGRESS`:
+/// the kernel has run the handshake before the call returns. One getpeername(2) sees that, and
+/// the stream is used at once; `TcpStream::connect` would first wait for the reactor's
+/// writable event, a scheduler turn on the session's critical path. Otherwise (a real network
+/// between) it waits for writability and reads the outcome from `SO_ERROR`, as tokio does.
+async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    // Created non-blocking (and close-on-exec): no fcntl(2) calls after.
+    let socket =
+        Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
+    socket.set_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let done = socket.peer_addr().is_ok();
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    if !done {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 /// Opens a new TCP connection to a destination. Replaceable so that harnesses can inject faults.

@@ -122,6 +122,17 @@ impl UpstreamServer {
             .unwrap();
     }
 
+    /// Waits until the server has accepted `n` connections. A pool's dial completes in the
+    /// kernel before the server's accept loop takes the connection, so a spare the pool holds
+    /// may not be the server's yet (and `close_all` would miss it).
+    async fn wait_accepted(&self, n: usize) {
+        let mut rx = self.shared.accepted.subscribe();
+        tokio::time::timeout(PATIENCE, rx.wait_for(|a| *a >= n))
+            .await
+            .expect("the server never accepted that many connections")
+            .unwrap();
+    }
+
     async fn wait_greeted(&self, n: usize) {
         let mut rx = self.shared.greeted.subscribe();
         tokio::time::timeout(PATIENCE, rx.wait_for(|g| *g >= n))
@@ -331,6 +342,7 @@ async fn the_second_client_gets_the_spare_dialed_after_the_first_miss() {
     // upstream accepted the other connection before the second client asked, and that one
     // answers it.
     wait_dest(&pool, &target, "a spare", |s| s.idle == 1).await;
+    server.wait_accepted(2).await;
     assert_eq!(server.accepted(), 2);
     let spare_index = 1 - first_index;
     let mut second = pool.acquire(&target).await.unwrap();
@@ -396,6 +408,7 @@ async fn peer_closed_spares_are_never_handed_out() {
     let first = pool.acquire(&target).await.unwrap();
     first.finish(false);
     wait_dest(&pool, &target, "a spare", |s| s.idle == 1).await;
+    server.wait_accepted(2).await;
     let closed_before = server.accepted();
 
     // The upstream closes everything; the spare is dead as soon as the server has let go.
@@ -418,6 +431,8 @@ async fn peer_closed_spares_are_never_handed_out() {
 
     // An idle spare whose peer closes is dropped at once, without any checkout.
     wait_dest(&pool, &target, "a new spare", |s| s.idle == 1).await;
+    let created = pool.stats().await.unwrap().total_created;
+    server.wait_accepted(created as usize).await;
     server.close_all();
     let stats = wait_dest(&pool, &target, "the close noticed", |s| s.idle == 0).await;
     assert_eq!(stats.counters.peer_closed + stats.counters.validation_drops, 2);
