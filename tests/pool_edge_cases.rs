@@ -115,31 +115,26 @@ impl UpstreamServer {
     }
 
     async fn wait_live(&self, pred: impl FnMut(&usize) -> bool) {
-        let mut rx = self.shared.live.subscribe();
-        tokio::time::timeout(PATIENCE, rx.wait_for(pred))
-            .await
-            .expect("upstream connection count never matched")
-            .unwrap();
+        wait_count(&self.shared.live, pred, "upstream connection count never matched").await;
     }
 
     /// Waits until the server has accepted `n` connections. A pool's dial completes in the
     /// kernel before the server's accept loop takes the connection, so a spare the pool holds
     /// may not be the server's yet (and `close_all` would miss it).
     async fn wait_accepted(&self, n: usize) {
-        let mut rx = self.shared.accepted.subscribe();
-        tokio::time::timeout(PATIENCE, rx.wait_for(|a| *a >= n))
-            .await
-            .expect("the server never accepted that many connections")
-            .unwrap();
+        let never = "the server never accepted that many connections";
+        wait_count(&self.shared.accepted, |a| *a >= n, never).await;
     }
 
     async fn wait_greeted(&self, n: usize) {
-        let mut rx = self.shared.greeted.subscribe();
-        tokio::time::timeout(PATIENCE, rx.wait_for(|g| *g >= n))
-            .await
-            .expect("greetings not sent")
-            .unwrap();
+        wait_count(&self.shared.greeted, |g| *g >= n, "greetings not sent").await;
     }
+}
+
+/// Waits, at most `PATIENCE`, until one of the server's counters satisfies `pred`.
+async fn wait_count(counter: &watch::Sender<usize>, pred: impl FnMut(&usize) -> bool, never: &str) {
+    let mut rx = counter.subscribe();
+    tokio::time::timeout(PATIENCE, rx.wait_for(pred)).await.expect(never).unwrap();
 }
 
 async fn serve(
