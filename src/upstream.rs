@@ -139,7 +139,8 @@ async fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     // Created non-blocking (and close-on-exec): no fcntl(2) calls after.
     let socket =
         Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking(), Some(Protocol::TCP))?;
-    socket.set_nodelay(true)?;
+    // Only a speed-up: a socket that refuses it still carries the session, as before.
+    let _ = socket.set_nodelay(true);
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
