@@ -15,6 +15,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
+use super::buffers::RelayBuffer;
+
 /// Userspace buffer of one direction.
 pub const COPY_BUFFER: usize = 16 * 1024;
 
@@ -82,19 +84,20 @@ async fn one_way(
     tally: Tally<'_>,
 ) -> io::Result<Copied> {
     let mut copied = Copied { bytes: 0, spliced: false };
-    // Allocated once the direction has bytes, so an idle session holds no buffer; read into
-    // spare capacity, never zeroed (zeroing 16 KiB twice per session showed in perf).
+    // Taken once the direction has bytes, so an idle session holds no buffer (from the thread's
+    // stock when it has one, see `buffers`); read into spare capacity, never zeroed (zeroing
+    // 16 KiB twice per session showed in perf).
     tokio::select! {
         biased;
         ready = from.as_ref().readable() => ready?,
         error = watch_error(to.as_ref()) => return Err(error),
     }
-    let mut buffer: Vec<u8> = Vec::with_capacity(COPY_BUFFER);
+    let mut buffer = RelayBuffer::take();
     loop {
         buffer.clear();
         let read = tokio::select! {
             biased;
-            read = from.read_buf(&mut buffer) => read?,
+            read = from.read_buf(&mut *buffer) => read?,
             error = watch_error(to.as_ref()) => return Err(error),
         };
         if read == 0 {

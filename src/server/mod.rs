@@ -4,6 +4,7 @@
 mod accept;
 pub mod auth;
 mod bind;
+mod buffers;
 mod copy;
 pub mod cut;
 pub mod fd_limit;
