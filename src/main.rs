@@ -96,6 +96,7 @@ async fn serve(
     let server = poolsocks::server::Server::build(config).await?.with_log_level_hook(log_level);
     // Watched before "listening" is logged: SIGHUP's default action would end the process.
     watch_sighup(server.reloader(), path);
+    ignore_user_signals();
     // Also before "listening": until its handler is installed, SIGTERM's default action kills
     // the process at once, without a drain (a stop right after start did exactly that).
     let shutdown = shutdown_signal();
@@ -160,6 +161,29 @@ fn watch_sighup(reloader: Reloader, path: Option<PathBuf>) {
     #[cfg(not(unix))]
     {
         let _ = (reloader, path);
+    }
+}
+
+/// SIGUSR1 and SIGUSR2 have no meaning here; their default action would end the process with
+/// no drain, so a stray `kill -USR1` (log rotation scripts send it) is logged and ignored.
+fn ignore_user_signals() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        for (kind, name) in
+            [(SignalKind::user_defined1(), "SIGUSR1"), (SignalKind::user_defined2(), "SIGUSR2")]
+        {
+            match signal(kind) {
+                Ok(mut stream) => {
+                    tokio::spawn(async move {
+                        while stream.recv().await.is_some() {
+                            warn!("{name} received: ignored (it has no meaning for poolsocks)");
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "cannot ignore {name}; it would stop the daemon"),
+            }
+        }
     }
 }
 

@@ -6,7 +6,10 @@
 mod access;
 mod auth;
 mod compare;
+mod file;
 mod live;
+mod loosening;
+mod parse_error;
 mod rustsocks;
 mod server;
 mod sessions;
@@ -19,7 +22,9 @@ use serde::{Deserialize, Serialize};
 pub use access::{AccessConfig, PortRange, RuleAction, RuleConfig};
 pub use auth::*;
 pub use compare::{changed_keys, config_hash, is_reloadable, RELOADABLE_KEYS};
+pub use file::MAX_CONFIG_BYTES;
 pub use live::{LiveConfig, LoadStatus};
+pub use loosening::{loosenings, unconfirmed, Loosening};
 pub use rustsocks::RustsocksCompat;
 pub use server::*;
 pub use sessions::*;
@@ -32,6 +37,12 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../../config/poolsocks.toml"
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read config file {path}: it is {kind}, not a regular file")]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "cannot read config file {path}: it is {size} bytes, more than the {limit} a config may be"
+    )]
+    TooLarge { path: PathBuf, size: u64, limit: u64 },
     #[error("invalid config{}: {message}", origin_suffix(.origin))]
     Parse { origin: Option<PathBuf>, message: String },
     #[error("invalid config{}{}: `{key}` {problem}", origin_suffix(.origin), line_suffix(.line))]
@@ -82,10 +93,10 @@ impl Config {
     pub fn from_toml(text: &str, origin: Option<&Path>) -> Result<Self, ConfigError> {
         // RustSocks-only sections are blanked (lines kept) or refused when their feature is on.
         let (text, rustsocks) = rustsocks::set_aside(text, origin)?;
-        // toml's message already names the line, the column and the offending key.
+        // Named by position and key, never by the text: the line may hold a secret.
         let mut config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             origin: origin.map(Path::to_path_buf),
-            message: e.to_string().trim_end().to_string(),
+            message: parse_error::ParseProblem::from_toml(&text, &e).to_string(),
         })?;
         config.rustsocks = rustsocks;
         config.validate().map_err(|e| match e {
@@ -100,10 +111,15 @@ impl Config {
         Ok(config)
     }
 
+    /// Reads and parses the file at `path`. Blocking: call it off the async runtime.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        Self::from_toml(&text, Some(path))
+        Self::load_with_text(path).map(|(config, _)| config)
+    }
+
+    /// Like [`Config::load`], with the text read (a reload checks which keys it writes).
+    pub fn load_with_text(path: &Path) -> Result<(Self, String), ConfigError> {
+        let text = file::read(path)?;
+        Ok((Self::from_toml(&text, Some(path))?, text))
     }
 
     /// The embedded default configuration.

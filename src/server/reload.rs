@@ -28,7 +28,7 @@ use super::handler::HandlerContext;
 use super::limit::ConnectionLimit;
 use super::metrics::ServerMetrics;
 use crate::access::{AccessPolicy, SharedPolicy};
-use crate::config::{changed_keys, is_reloadable, Config, LiveConfig};
+use crate::config::{changed_keys, is_reloadable, loosenings, unconfirmed, Config, LiveConfig};
 use crate::logsafe::Escaped;
 use crate::pool::{Pool, PoolOptions};
 use crate::resolve::Resolver;
@@ -52,6 +52,13 @@ pub enum ReloadError {
         .0.join(", ")
     )]
     NeedsRestart(Vec<String>),
+    #[error(
+        "the new file opens the proxy up without saying so ({}): write {} in the file if that is \
+         meant (a file cut short by a non-atomic write looks like this); nothing was applied",
+        .what.join("; "),
+        .keys.iter().map(|k| format!("`{k}`")).collect::<Vec<_>>().join(", ")
+    )]
+    Loosens { keys: Vec<&'static str>, what: Vec<String> },
     #[error("cannot start the connection pool: {0}")]
     Pool(String),
     #[error("the server is not running")]
@@ -156,15 +163,27 @@ pub(super) fn context(
     }
 }
 
+/// Reads and parses the file on the blocking pool: a slow disk or a large file never holds a
+/// runtime worker that sessions and `/health` need.
+async fn load_off_runtime(path: &Path) -> Result<(Config, String), String> {
+    let path = path.to_path_buf();
+    match tokio::task::spawn_blocking(move || Config::load_with_text(&path)).await {
+        Ok(loaded) => loaded.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("reading the config file failed: {e}")),
+    }
+}
+
 impl Runtime {
     /// Serves reload requests until every [`Reloader`] is gone or the server stops.
     pub(super) async fn serve(self, mut requests: Requests) {
         while let Some((request, reply)) = requests.recv().await {
             let outcome = match request {
-                Request::Config(config) => self.apply(*config, "reload").await,
-                Request::File(path) => match Config::load(&path) {
-                    Ok(config) => self.apply(config, &path.display().to_string()).await,
-                    Err(e) => Err(self.refuse(ReloadError::Invalid(e.to_string()))),
+                Request::Config(config) => self.apply(*config, "reload", None).await,
+                Request::File(path) => match load_off_runtime(&path).await {
+                    Ok((config, text)) => {
+                        self.apply(config, &path.display().to_string(), Some(&text)).await
+                    }
+                    Err(e) => Err(self.refuse(ReloadError::Invalid(e))),
                 },
             };
             let _ = reply.send(outcome);
@@ -185,13 +204,26 @@ impl Runtime {
         error
     }
 
-    async fn apply(&self, new: Config, origin: &str) -> Result<ReloadReport, ReloadError> {
+    /// Applies `new`. `text` is the file it came from, whose written keys confirm a loosening;
+    /// a config handed over in code (`Reloader::reload`) is taken as meant.
+    async fn apply(
+        &self,
+        new: Config,
+        origin: &str,
+        text: Option<&str>,
+    ) -> Result<ReloadReport, ReloadError> {
         let started = Instant::now();
         let old = self.config.current();
         let changed = changed_keys(&old, &new);
         let fixed: Vec<String> = changed.iter().filter(|k| !is_reloadable(k)).cloned().collect();
         if !fixed.is_empty() {
             return Err(self.refuse(ReloadError::NeedsRestart(fixed)));
+        }
+        let opened = loosenings(&old, &new);
+        let keys = text.map(|text| unconfirmed(&opened, text)).unwrap_or_default();
+        if !keys.is_empty() {
+            let what = opened.iter().map(|l| l.what.clone()).collect();
+            return Err(self.refuse(ReloadError::Loosens { keys, what }));
         }
 
         // Everything that can fail comes first, so a refusal leaves nothing half applied.
@@ -244,6 +276,14 @@ impl Runtime {
             tokio::spawn(async move { pool.shutdown().await });
         }
         self.config.applied(new);
+        for loosening in &opened {
+            warn!(origin, "config reload opens the proxy up: it {}", loosening.what);
+            self.telemetry.warning(
+                CATEGORY_CONFIG,
+                "config reload opens the proxy up",
+                vec![("what", json!(loosening.what))],
+            );
+        }
         let took_ms = started.elapsed().as_secs_f64() * 1000.0;
         if changed.is_empty() {
             info!(origin, took_ms, "config reloaded: nothing changed");
