@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod config;
+pub mod descriptors;
 pub mod logsafe;
 pub mod memory;
 pub mod pool;

@@ -19,6 +19,7 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts,
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
 use crate::config::DnsConfig;
+use crate::descriptors::{self, DescriptorBudget};
 use crate::logsafe::Escaped;
 use crate::upstream::BoxFuture;
 
@@ -59,6 +60,8 @@ pub fn literal(host: &str) -> Option<IpAddr> {
 pub struct DnsResolver {
     inner: hickory_resolver::Resolver<TokioRuntimeProvider>,
     timeout: Duration,
+    /// Each lookup takes its sockets from it first (see `descriptors`).
+    descriptors: Arc<DescriptorBudget>,
 }
 
 impl DnsResolver {
@@ -95,7 +98,18 @@ impl DnsResolver {
         options.positive_max_ttl = Some(config.cache_max_ttl());
         options.negative_max_ttl = Some(config.cache_max_ttl().min(NEGATIVE_TTL_CAP));
         let inner = builder.build().map_err(|e| failed(e.to_string()))?;
-        Ok(DnsResolver { inner, timeout: config.timeout() })
+        Ok(DnsResolver {
+            inner,
+            timeout: config.timeout(),
+            descriptors: DescriptorBudget::unlimited(),
+        })
+    }
+
+    /// Lookups take their sockets from `descriptors`, and wait (within the lookup's timeout)
+    /// when it is spent.
+    pub fn with_descriptors(mut self, descriptors: Arc<DescriptorBudget>) -> Self {
+        self.descriptors = descriptors;
+        self
     }
 }
 
@@ -114,8 +128,13 @@ impl Resolver for DnsResolver {
         }
         let inner = self.inner.clone();
         let timeout = self.timeout;
+        let descriptors = self.descriptors.clone();
         Box::pin(async move {
-            match tokio::time::timeout(timeout, inner.lookup_ip(host.as_str())).await {
+            let lookup = async {
+                let _sockets = descriptors.take(descriptors::LOOKUP).await;
+                inner.lookup_ip(host.as_str()).await
+            };
+            match tokio::time::timeout(timeout, lookup).await {
                 Err(_) => Err(ResolveError::Timeout { host, timeout }),
                 Ok(Ok(found)) => {
                     let addrs: Vec<SocketAddr> =

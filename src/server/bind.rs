@@ -14,6 +14,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
@@ -23,16 +24,21 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, info, warn};
 
 use super::accept::is_per_connection;
+use super::bind_waits::{BindWait, BindWaits, Full};
 use super::cut::SessionCut;
 use super::handler::{HandlerContext, CATEGORY_ACCESS};
 use super::metrics::BindOutcome;
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
+use crate::descriptors::{self, Descriptors};
 use crate::socks::{Command, Reply, ReplyCode, TargetAddr};
+use crate::throttle::Throttle;
 
 /// What BIND needs from the config.
 #[derive(Debug, Clone)]
 pub struct BindSettings {
     pub timeout: Duration,
+    /// Shared by every session: BINDs waiting per client and in all.
+    pub waits: Arc<BindWaits>,
 }
 
 /// Bytes a client may send before its peer connects, delivered to the peer first; beyond
@@ -44,12 +50,22 @@ const MAX_EARLY_BYTES: usize = 16 * 1024;
 pub(super) async fn bind(
     ctx: &HandlerContext,
     client: &mut TcpStream,
+    peer: SocketAddr,
     expected: &TargetAddr,
     mut pending: Vec<u8>,
     settings: &BindSettings,
     cut: &mut SessionCut,
 ) {
     let metrics = &ctx.metrics;
+    // A listening port and a descriptor are held from here to the peer's arrival.
+    let (_wait, _listener_descriptor) = match places(ctx, peer, settings) {
+        Some(places) => places,
+        None => {
+            metrics.bind.outcome(BindOutcome::Limited);
+            let _ = client.write_all(&Reply::failure(ReplyCode::GeneralFailure).to_bytes()).await;
+            return;
+        }
+    };
     let allowed = match expected_addresses(ctx, client, expected, cut).await {
         Ok(allowed) => allowed,
         Err(Refusal::Gone) => return,
@@ -159,6 +175,38 @@ pub(super) async fn bind(
         Err(e) => debug!(%from, error = %e, "BIND session ended with an error"),
     }
 }
+
+/// A BIND's place among the waits and the descriptor of its listener, or `None` (logged at
+/// most once per period) when either has run out.
+fn places(
+    ctx: &HandlerContext,
+    peer: SocketAddr,
+    settings: &BindSettings,
+) -> Option<(BindWait, Descriptors)> {
+    let wait = match settings.waits.try_begin(peer.ip()) {
+        Ok(wait) => wait,
+        Err(full) => {
+            let report = LIMIT_LOG.with(|log| log.borrow_mut().allow(tokio::time::Instant::now()));
+            if let Some(not_logged) = report {
+                match full {
+                    Full::Client(limit) => warn!(limit, not_logged, "BIND refused: this client already has as many BINDs waiting as it may: reply 0x01"),
+                    Full::Total(limit) => warn!(limit, not_logged, "BIND refused: as many BINDs are waiting as the ephemeral port range allows: reply 0x01"),
+                }
+            }
+            return None;
+        }
+    };
+    let descriptor = ctx.descriptors.try_take(descriptors::BIND)?;
+    Some((wait, descriptor))
+}
+
+thread_local! {
+    /// "BIND refused" lines: at most one per period per worker thread, with the count held back.
+    static LIMIT_LOG: std::cell::RefCell<Throttle> =
+        std::cell::RefCell::new(Throttle::new(LIMIT_LOG_PERIOD));
+}
+
+const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 enum Refusal {
     /// The client left (or the server is shutting down) before a reply was due.

@@ -1,5 +1,7 @@
-//! The open-file limit. A proxy holds two descriptors per session (client and upstream) plus
-//! its idle spares, so the usual soft limit of 1,024 caps it near 500 sessions whatever
+//! The open-file limit. A proxy holds two descriptors per session (client and upstream), some
+//! sessions more (a name lookup's sockets, a UDP association's outbound sockets, a BIND's
+//! listener: one more per session is kept for those, see `crate::descriptors`), plus its idle
+//! spares, so the usual soft limit of 1,024 caps it near 340 sessions whatever
 //! `max_connections` says. At start the daemon raises its soft limit to what the config needs,
 //! as far as the hard limit allows, and says so; if the hard limit is too low it warns with the
 //! figures, since sessions beyond it fail (accepts back off, dials fail with `0x01`).
@@ -12,12 +14,49 @@ use crate::config::Config;
 /// epoll and wake-up descriptors, standard streams, and the stats endpoint's connections.
 pub const RESERVED_DESCRIPTORS: u64 = 128;
 
-/// What the config needs at most: two per session, one per idle spare, and the reserve.
-pub fn descriptors_needed(config: &Config) -> u64 {
+/// Descriptors per session that every session may hold: the client and its upstream.
+pub const PER_SESSION: u64 = 2;
+/// Descriptors per session kept for sessions that hold more (the extra budget).
+pub const EXTRA_PER_SESSION: u64 = 1;
+
+/// What every session's two, the spares and the reserve take.
+fn base_needed(config: &Config) -> u64 {
     let sessions = config.server.max_connections as u64;
     let pool = &config.server.pool;
     let spares = if pool.enabled { pool.max_total_idle as u64 } else { 0 };
-    2 * sessions + spares + RESERVED_DESCRIPTORS
+    PER_SESSION * sessions + spares + RESERVED_DESCRIPTORS
+}
+
+/// What the config needs at most: two per session and one more kept for sessions that hold
+/// more, one per idle spare, and the reserve.
+pub fn descriptors_needed(config: &Config) -> u64 {
+    base_needed(config) + EXTRA_PER_SESSION * config.server.max_connections as u64
+}
+
+/// The extra descriptors the soft limit in force leaves beyond every session's two, the
+/// spares and the reserve: the size of `crate::descriptors::DescriptorBudget`.
+/// When the limit is below what the config needs (the start-up warning says so), the share of
+/// what fits: one in three of the descriptors left after the spares and the reserve.
+pub fn extra_descriptors(config: &Config) -> usize {
+    let Some(soft) = soft_limit() else { return usize::MAX };
+    let extra = if soft >= descriptors_needed(config) {
+        soft - base_needed(config)
+    } else {
+        let pool = &config.server.pool;
+        let spares = if pool.enabled { pool.max_total_idle as u64 } else { 0 };
+        soft.saturating_sub(spares + RESERVED_DESCRIPTORS) / (PER_SESSION + EXTRA_PER_SESSION)
+    };
+    usize::try_from(extra).unwrap_or(usize::MAX)
+}
+
+#[cfg(unix)]
+fn soft_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
+#[cfg(not(unix))]
+fn soft_limit() -> Option<u64> {
+    None
 }
 
 /// The soft limit before and after, and the hard limit (`None` = unlimited).
@@ -67,7 +106,9 @@ pub fn apply(config: &Config) {
             hard = ?limit.hard,
             needed,
             max_connections = config.server.max_connections,
-            sessions_that_fit = limit.after.map(|soft| soft.saturating_sub(RESERVED_DESCRIPTORS) / 2),
+            sessions_that_fit = limit.after.map(|soft| {
+                soft.saturating_sub(RESERVED_DESCRIPTORS) / (PER_SESSION + EXTRA_PER_SESSION)
+            }),
             "the open-file hard limit is below what max_connections needs: sessions beyond it \
              will fail (raise it: ulimit -Hn, or LimitNOFILE= in a systemd unit)"
         ),
@@ -87,14 +128,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counts_two_descriptors_per_session_and_the_spares_only_when_pooling() {
+    fn counts_three_descriptors_per_session_and_the_spares_only_when_pooling() {
         let mut config = Config::default();
         config.server.max_connections = 1000;
         config.server.pool.max_total_idle = 50;
         config.server.pool.enabled = false;
-        assert_eq!(descriptors_needed(&config), 2000 + RESERVED_DESCRIPTORS);
+        assert_eq!(descriptors_needed(&config), 3000 + RESERVED_DESCRIPTORS);
         config.server.pool.enabled = true;
-        assert_eq!(descriptors_needed(&config), 2050 + RESERVED_DESCRIPTORS);
+        assert_eq!(descriptors_needed(&config), 3050 + RESERVED_DESCRIPTORS);
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::proxy_header::{self, ProxiedSource};
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
 use super::udp::{self, UdpSettings};
 use crate::access::SharedPolicy;
+use crate::descriptors::DescriptorBudget;
 use crate::logsafe::Escaped;
 use crate::resolve::Resolver;
 use crate::socks::{
@@ -46,6 +47,8 @@ pub struct HandlerContext {
     pub telemetry: Telemetry,
     /// Names in UDP datagrams and BIND requests (CONNECT resolves through its connector).
     pub resolver: Arc<dyn Resolver>,
+    /// What UDP associations and BINDs take their extra descriptors from.
+    pub descriptors: Arc<DescriptorBudget>,
     /// `None` when `[server] udp_associate = false`.
     pub udp: Option<UdpSettings>,
     /// `None` when `[server] bind = false`.
@@ -175,7 +178,7 @@ pub async fn serve(
             return Box::pin(associate).await;
         }
         (Command::Bind, _, Some(settings)) => {
-            let bind = bind::bind(&ctx, &mut client, &target, pending, settings, &mut cut);
+            let bind = bind::bind(&ctx, &mut client, peer, &target, pending, settings, &mut cut);
             return Box::pin(bind).await;
         }
         // `handshake` answered a command that is turned off with 0x07.

@@ -180,6 +180,7 @@ impl DropReason {
 pub struct UdpMetrics {
     associations_active: AtomicU64,
     associations_total: AtomicU64,
+    associations_refused: AtomicU64,
     datagrams_client_to_destination: AtomicU64,
     datagrams_destination_to_client: AtomicU64,
     bytes_client_to_destination: AtomicU64,
@@ -191,6 +192,8 @@ pub struct UdpMetrics {
 pub struct UdpSnapshot {
     pub associations_active: u64,
     pub associations_total: u64,
+    /// Refused with `0x01` because the descriptors kept for them were all in use.
+    pub associations_refused: u64,
     pub datagrams_client_to_destination: u64,
     pub datagrams_destination_to_client: u64,
     /// Payload bytes (without the SOCKS header).
@@ -237,6 +240,10 @@ impl UdpMetrics {
         self.associations_total.fetch_add(1, Relaxed);
     }
 
+    pub fn association_refused(&self) {
+        self.associations_refused.fetch_add(1, Relaxed);
+    }
+
     pub fn association_closed(&self) {
         self.associations_active.fetch_sub(1, Relaxed);
     }
@@ -262,6 +269,7 @@ impl UdpMetrics {
         UdpSnapshot {
             associations_active: self.associations_active.load(Relaxed),
             associations_total: self.associations_total.load(Relaxed),
+            associations_refused: self.associations_refused.load(Relaxed),
             datagrams_client_to_destination: self.datagrams_client_to_destination.load(Relaxed),
             datagrams_destination_to_client: self.datagrams_destination_to_client.load(Relaxed),
             bytes_client_to_destination: self.bytes_client_to_destination.load(Relaxed),
@@ -297,10 +305,13 @@ pub enum BindOutcome {
     Cut,
     /// Listening or accepting failed: reply `0x01`.
     Failed,
+    /// Too many BINDs waiting from this client or in all, or no descriptor left: reply
+    /// `0x01`, nothing listened.
+    Limited,
 }
 
 impl BindOutcome {
-    pub const ALL: [BindOutcome; 7] = [
+    pub const ALL: [BindOutcome; 8] = [
         BindOutcome::Connected,
         BindOutcome::TimedOut,
         BindOutcome::ClientLeft,
@@ -308,6 +319,7 @@ impl BindOutcome {
         BindOutcome::Unresolvable,
         BindOutcome::Cut,
         BindOutcome::Failed,
+        BindOutcome::Limited,
     ];
 
     pub fn name(self) -> &'static str {
@@ -319,6 +331,7 @@ impl BindOutcome {
             BindOutcome::Unresolvable => "unresolvable",
             BindOutcome::Cut => "cut",
             BindOutcome::Failed => "failed",
+            BindOutcome::Limited => "limited",
         }
     }
 }
@@ -349,6 +362,7 @@ pub struct BindOutcomes {
     pub unresolvable: u64,
     pub cut: u64,
     pub failed: u64,
+    pub limited: u64,
 }
 
 impl BindOutcomes {
@@ -361,6 +375,7 @@ impl BindOutcomes {
             BindOutcome::Unresolvable => self.unresolvable,
             BindOutcome::Cut => self.cut,
             BindOutcome::Failed => self.failed,
+            BindOutcome::Limited => self.limited,
         }
     }
 }
@@ -395,6 +410,7 @@ impl BindMetrics {
                 unresolvable: outcome(BindOutcome::Unresolvable),
                 cut: outcome(BindOutcome::Cut),
                 failed: outcome(BindOutcome::Failed),
+                limited: outcome(BindOutcome::Limited),
             },
         }
     }

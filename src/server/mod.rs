@@ -4,6 +4,7 @@
 mod accept;
 pub mod auth;
 mod bind;
+mod bind_waits;
 mod buffers;
 mod copy;
 pub mod cut;
@@ -29,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::access::{AccessPolicy, SharedPolicy};
 use crate::config::Config;
+use crate::descriptors::{Budgets, DescriptorBudget};
 use crate::pool::{Pool, PoolError, PoolOptions};
 use crate::resolve::{DnsResolver, Resolver};
 use crate::telemetry::Telemetry;
@@ -54,6 +56,8 @@ pub struct Server {
     config: Config,
     access: SharedPolicy,
     resolver: Arc<dyn Resolver>,
+    /// Extra descriptors for lookups, UDP associations and BINDs (`crate::descriptors`).
+    descriptors: Arc<DescriptorBudget>,
     connector: Arc<dyn Connector>,
     pool: Option<Pool>,
     metrics: Arc<ServerMetrics>,
@@ -73,14 +77,25 @@ impl Server {
     /// Builds the server's parts (the upstream connector) from a validated config, resolving
     /// names with the DNS resolver `[server.dns]` describes.
     pub async fn build(config: Config) -> Result<Self, ServerError> {
-        let resolver = Arc::new(DnsResolver::from_config(&config.server.dns)?);
-        Self::build_with_resolver(config, resolver).await
+        let budgets = Budgets::split(fd_limit::extra_descriptors(&config));
+        let resolver =
+            DnsResolver::from_config(&config.server.dns)?.with_descriptors(budgets.lookups);
+        Self::build_with(config, Arc::new(resolver), budgets.sessions).await
     }
 
     /// Like [`Server::build`], with names resolved by `resolver` (tests inject a static one).
     pub async fn build_with_resolver(
         config: Config,
         resolver: Arc<dyn Resolver>,
+    ) -> Result<Self, ServerError> {
+        let budgets = Budgets::split(fd_limit::extra_descriptors(&config));
+        Self::build_with(config, resolver, budgets.sessions).await
+    }
+
+    async fn build_with(
+        config: Config,
+        resolver: Arc<dyn Resolver>,
+        descriptors: Arc<DescriptorBudget>,
     ) -> Result<Self, ServerError> {
         let access = AccessPolicy::from_config(&config.access).shared();
         let telemetry = Telemetry::new(&config.telemetry);
@@ -105,6 +120,7 @@ impl Server {
             config,
             access,
             resolver,
+            descriptors,
             connector,
             pool,
             metrics,
@@ -181,12 +197,15 @@ impl Server {
             crate::stats::spawn(stats_listener, ctx)
         });
         self.readiness.set_listening(true);
+        let bind_waits = bind_waits::BindWaits::for_this_host();
         let server = &self.config.server;
         let auth = Authenticator::with_counters(&self.config.auth, self.metrics.auth_counters());
         let shared = reload::Shared {
             metrics: &self.metrics,
             telemetry: &self.telemetry,
             resolver: &self.resolver,
+            descriptors: &self.descriptors,
+            bind_waits: &bind_waits,
         };
         let ctx = Arc::new(ArcSwap::from_pointee(reload::context(
             &self.config,
@@ -206,6 +225,8 @@ impl Server {
             telemetry: self.telemetry.clone(),
             metrics: self.metrics.clone(),
             resolver: self.resolver.clone(),
+            descriptors: self.descriptors.clone(),
+            bind_waits: bind_waits.clone(),
             injected: self.injected.then(|| self.connector.clone()),
             log_level: self.log_level.take(),
         };

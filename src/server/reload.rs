@@ -24,11 +24,13 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use super::auth::Authenticator;
+use super::bind_waits::BindWaits;
 use super::handler::HandlerContext;
 use super::limit::ConnectionLimit;
 use super::metrics::ServerMetrics;
 use crate::access::{AccessPolicy, SharedPolicy};
 use crate::config::{changed_keys, is_reloadable, loosenings, unconfirmed, Config, LiveConfig};
+use crate::descriptors::DescriptorBudget;
 use crate::logsafe::Escaped;
 use crate::pool::{Pool, PoolOptions};
 use crate::resolve::Resolver;
@@ -120,6 +122,8 @@ pub(super) struct Runtime {
     pub(super) telemetry: Telemetry,
     pub(super) metrics: Arc<ServerMetrics>,
     pub(super) resolver: Arc<dyn Resolver>,
+    pub(super) descriptors: Arc<DescriptorBudget>,
+    pub(super) bind_waits: Arc<BindWaits>,
     /// A connector a harness injected: kept whatever a reload says about the pool.
     pub(super) injected: Option<Arc<dyn Connector>>,
     pub(super) log_level: Option<LogLevelHook>,
@@ -130,6 +134,8 @@ pub(super) struct Shared<'a> {
     pub(super) metrics: &'a Arc<ServerMetrics>,
     pub(super) telemetry: &'a Telemetry,
     pub(super) resolver: &'a Arc<dyn Resolver>,
+    pub(super) descriptors: &'a Arc<DescriptorBudget>,
+    pub(super) bind_waits: &'a Arc<BindWaits>,
 }
 
 /// The handler context a config describes.
@@ -141,7 +147,7 @@ pub(super) fn context(
     shared: Shared<'_>,
 ) -> HandlerContext {
     let server = &config.server;
-    let Shared { metrics, telemetry, resolver } = shared;
+    let Shared { metrics, telemetry, resolver, descriptors, bind_waits } = shared;
     HandlerContext {
         auth,
         access,
@@ -151,6 +157,7 @@ pub(super) fn context(
         metrics: metrics.clone(),
         telemetry: telemetry.clone(),
         resolver: resolver.clone(),
+        descriptors: descriptors.clone(),
         // These need a restart to change (they are not `RELOADABLE_KEYS`), so a reload builds
         // them as they were.
         udp: server.udp_associate.then(|| super::udp::UdpSettings {
@@ -158,7 +165,10 @@ pub(super) fn context(
             idle_timeout: server.udp_idle_timeout(),
             reply_filter: server.udp_reply_filter,
         }),
-        bind: server.bind.then(|| super::bind::BindSettings { timeout: server.bind_timeout() }),
+        bind: server.bind.then(|| super::bind::BindSettings {
+            timeout: server.bind_timeout(),
+            waits: bind_waits.clone(),
+        }),
         proxy_protocol: server.proxy_protocol.then(|| server.proxy_protocol_trusted.clone()),
     }
 }
@@ -259,8 +269,13 @@ impl Runtime {
             }
         };
         let auth = self.contexts.load().auth.reloaded(&old.auth, &new.auth);
-        let shared =
-            Shared { metrics: &self.metrics, telemetry: &self.telemetry, resolver: &self.resolver };
+        let shared = Shared {
+            metrics: &self.metrics,
+            telemetry: &self.telemetry,
+            resolver: &self.resolver,
+            descriptors: &self.descriptors,
+            bind_waits: &self.bind_waits,
+        };
         self.contexts.store(Arc::new(context(&new, auth, self.access.clone(), connector, shared)));
         self.pool.set(new_pool.clone());
         self.limit.resize(new.server.max_connections);

@@ -223,6 +223,12 @@ fn udp_and_bind(registry: &mut Registry, server: &ServerMetricsSnapshot) {
         "UDP associations opened since start",
         udp.associations_total,
     );
+    counter(
+        registry_udp,
+        "associations_refused",
+        "UDP associations refused because the descriptors kept for them were in use",
+        udp.associations_refused,
+    );
     let datagrams = Family::<DirectionLabel, Counter>::default();
     let bytes = Family::<DirectionLabel, Counter>::default();
     for (direction, count, size) in [

@@ -43,6 +43,7 @@ use super::cut::SessionCut;
 use super::handler::{HandlerContext, CATEGORY_ACCESS};
 use super::metrics::DropReason;
 use crate::config::UdpReplyFilter;
+use crate::descriptors;
 use crate::socks::{
     write_ip_header_before, Command, Reply, ReplyCode, TargetAddr, UdpDatagram, UDP_IP_HEADER_MAX,
     UDP_PAYLOAD_MAX,
@@ -90,6 +91,12 @@ pub(super) async fn associate(
             debug!(error = %e, "client left before the association was set up");
             return;
         }
+    };
+    // The outbound sockets, one per family, come on top of the two every session has.
+    let Some(_outbound_descriptors) = ctx.descriptors.try_take(descriptors::UDP_ASSOCIATION) else {
+        ctx.metrics.udp.association_refused();
+        let _ = client.write_all(&Reply::failure(ReplyCode::GeneralFailure).to_bytes()).await;
+        return;
     };
     let bind_ip = settings.bind_address.unwrap_or(local_ip);
     let relay = match bind_udp(SocketAddr::new(bind_ip, 0)) {
