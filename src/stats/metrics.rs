@@ -129,6 +129,7 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         ("accepted", server.auth.logins_accepted),
         ("rejected", server.auth.logins_rejected),
         ("rate_limited", server.auth.logins_rate_limited),
+        ("shed", server.auth.logins_shed),
     ] {
         logins.get_or_create(&OutcomeLabel { outcome }).inc_by(count);
     }
