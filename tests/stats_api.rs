@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use poolsocks::stats::{self, PoolStatsSource, Readiness, StatsContext, StatsOpti
 use poolsocks::upstream::BoxFuture;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 
 /// Upper bound for anything the tests await; reaching it means a failure, not a slow pass.
@@ -188,7 +188,14 @@ impl Http {
 }
 
 async fn send_raw(addr: SocketAddr, raw: &[u8]) -> Http {
-    let mut stream = TcpStream::connect(addr).await.expect("connect to stats endpoint");
+    send_raw_from(Ipv4Addr::LOCALHOST, addr, raw).await
+}
+
+/// Sends `raw` from the loopback address `source` (any of 127.0.0.0/8).
+async fn send_raw_from(source: Ipv4Addr, addr: SocketAddr, raw: &[u8]) -> Http {
+    let socket = TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::new(source.into(), 0)).expect("bind source");
+    let mut stream = socket.connect(addr).await.expect("connect to stats endpoint");
     stream.write_all(raw).await.expect("send request");
     let mut all = Vec::new();
     tokio::time::timeout(DEADLINE, stream.read_to_end(&mut all))
@@ -217,13 +224,23 @@ fn parse_response(all: &[u8]) -> Http {
 }
 
 async fn request(addr: SocketAddr, method: &str, path: &str, extra_headers: &[&str]) -> Http {
+    request_from(Ipv4Addr::LOCALHOST, addr, method, path, extra_headers).await
+}
+
+async fn request_from(
+    source: Ipv4Addr,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &[&str],
+) -> Http {
     let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: stats\r\nConnection: close\r\n");
     for header in extra_headers {
         raw.push_str(header);
         raw.push_str("\r\n");
     }
     raw.push_str("\r\n");
-    send_raw(addr, raw.as_bytes()).await
+    send_raw_from(source, addr, raw.as_bytes()).await
 }
 
 async fn get(addr: SocketAddr, path: &str) -> Http {
@@ -809,11 +826,14 @@ async fn unknown_routes_get_404_json_and_wrong_methods_405_with_allow() {
 // The token
 
 #[tokio::test]
-async fn every_route_requires_the_token_when_one_is_set() {
+async fn every_route_but_health_requires_the_token_when_one_is_set() {
     let mut options = RigOptions::new(true);
     options.config.sessions.stats_api_token = Some(Secret::new("s3cret-token"));
     let rig = Rig::start_with(options).await;
-    for path in ["/", "/api/pool/stats", "/api/telemetry/events", "/metrics", "/health", "/nope"] {
+    let paths = ["/", "/api/pool/stats", "/api/telemetry/events", "/metrics", "/nope"];
+    for (i, path) in paths.into_iter().enumerate() {
+        // One source per path: five wrong tokens each, under the limit of ten per source.
+        let source = Ipv4Addr::new(127, 0, 1, 1 + i as u8);
         for auth in [
             None,
             Some("Authorization: Bearer wrong"),
@@ -823,27 +843,93 @@ async fn every_route_requires_the_token_when_one_is_set() {
             Some("Authorization: Basic dXNlcjp3cm9uZw=="), // user:wrong
         ] {
             let headers: Vec<&str> = auth.into_iter().collect();
-            let response = request(rig.stats, "GET", path, &headers).await;
+            let response = request_from(source, rig.stats, "GET", path, &headers).await;
             assert_eq!(response.status, 401, "{path} with {auth:?}");
             let challenge = response.header("www-authenticate").expect("challenge");
             assert!(challenge.starts_with("Bearer"), "{challenge}");
             assert_eq!(response.header("content-type"), Some("application/json"));
         }
-        let ok = request(rig.stats, "GET", path, &["Authorization: Bearer s3cret-token"]).await;
+        let ok =
+            request_from(source, rig.stats, "GET", path, &["Authorization: Bearer s3cret-token"])
+                .await;
         let expected = if path == "/nope" { 404 } else { 200 };
         assert_eq!(ok.status, expected, "{path} with the token");
         // What a browser sends after the Basic prompt: any user, the token as password.
-        let basic =
-            request(rig.stats, "GET", path, &["Authorization: Basic b3BzOnMzY3JldC10b2tlbg=="])
-                .await;
+        let basic = request_from(
+            source,
+            rig.stats,
+            "GET",
+            path,
+            &["Authorization: Basic b3BzOnMzY3JldC10b2tlbg=="],
+        )
+        .await;
         assert_eq!(basic.status, expected, "{path} with Basic");
     }
+    // Liveness and readiness only, for balancers whose checks carry no token.
+    assert_eq!(get(rig.stats, "/health").await.status, 200);
     // Only the page asks a browser to prompt.
     let page = get(rig.stats, "/").await;
     assert!(page.header("www-authenticate").expect("challenge").contains("Basic"));
     let api = get(rig.stats, "/metrics").await;
     assert!(!api.header("www-authenticate").expect("challenge").contains("Basic"));
     rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_needs_no_token_and_a_source_guessing_it_gets_429_while_others_are_served() {
+    let mut options = RigOptions::new(true);
+    options.config.sessions.stats_api_token = Some(Secret::new("s3cret-token"));
+    let rig = Rig::start_with(options).await;
+    let guesser = Ipv4Addr::new(127, 0, 2, 1);
+    let other = Ipv4Addr::new(127, 0, 2, 2);
+    let right = "Authorization: Bearer s3cret-token";
+
+    let health = get(rig.stats, "/health").await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    assert_eq!(health.json()["ready"], true);
+    for i in 0..10 {
+        let wrong = format!("Authorization: Bearer guess-{i}");
+        let response = request_from(guesser, rig.stats, "GET", "/metrics", &[&wrong]).await;
+        assert_eq!(response.status, 401, "guess {i}");
+    }
+    // The right token no longer helps the guesser (it is not even compared) ...
+    let limited = request_from(guesser, rig.stats, "GET", "/api/pool/stats", &[right]).await;
+    assert_eq!(limited.status, 429, "{}", limited.text());
+    assert_eq!(limited.header("retry-after"), Some("60"));
+    // ... nor does a request without credentials, but /health stays open to it.
+    assert_eq!(request_from(guesser, rig.stats, "GET", "/metrics", &[]).await.status, 429);
+    assert_eq!(request_from(guesser, rig.stats, "GET", "/health", &[]).await.status, 200);
+    // Another source with the token is served, and sees the failures counted.
+    let stats = request_from(other, rig.stats, "GET", "/api/pool/stats", &[right]).await;
+    assert_eq!(stats.status, 200, "{}", stats.text());
+    let counted = &stats.json()["stats_api"];
+    assert_eq!(counted["token_failures"], 10, "{counted}");
+    assert_eq!(counted["token_rate_limited"], 2, "{counted}");
+    let scrape = request_from(other, rig.stats, "GET", "/metrics", &[right]).await;
+    let lines = scrape.text();
+    let parsed = prometheus_parse::Scrape::parse(lines.lines().map(|l| Ok(l.to_string())))
+        .expect("/metrics parses");
+    assert_eq!(metric_value(&parsed, "poolsocks_stats_token_failures_total", &[]), 10.0);
+    assert_eq!(metric_value(&parsed, "poolsocks_stats_token_rate_limited_total", &[]), 2.0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_logs_wrong_tokens_naming_the_source() {
+    let mut daemon = common::daemon::Daemon::start(
+        "[server]\nbind_port = 0\n[sessions]\nstats_api_enabled = true\nstats_api_port = 0\n\
+         stats_api_token = \"s3cret-token\"\n",
+    );
+    let stats = daemon.await_stats_addr();
+    let guesser = Ipv4Addr::new(127, 0, 3, 7);
+    for i in 0..3 {
+        let wrong = format!("Authorization: Bearer guess-{i}");
+        assert_eq!(request_from(guesser, stats, "GET", "/metrics", &[&wrong]).await.status, 401);
+    }
+    let line = daemon.await_log("stats endpoint: wrong token");
+    assert!(line.contains("WARN") && line.contains("127.0.3.7"), "{line}");
+    assert!(line.contains("token_failures_not_logged=0"), "{line}");
+    assert!(!line.contains("guess-"), "the guess itself is not logged: {line}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,8 +5,12 @@
 //! - **Bounded memory and threads.** An argon2 check takes its memory parameter in RAM (19 MiB
 //!   by default) for a few tens of milliseconds. At most [`MAX_CONCURRENT_VERIFICATIONS`] run at
 //!   once; the others wait for a place, and the wait counts against the handshake timeout.
-//!   (160 concurrent logins used to take 2.4 GiB.) `main` keeps such blocks out of the
-//!   allocator's arenas, so their memory goes back to the system when a check ends.
+//!   `main` keeps such blocks out of the allocator's arenas, so their memory goes back to the
+//!   system when a check ends.
+//! - **Strangers cannot starve known clients.** The places go first to sources that logged in
+//!   before, and the line of waiting logins is bounded; a login the line has no room for is
+//!   shed, answered as a failure at once (see [`super::verify_queue`]). The place is taken
+//!   before the user is looked up, so being shed says nothing about the user.
 //! - **The same cost for every miss.** When any user has an argon2 hash, every login runs one
 //!   argon2 check with the most expensive parameters configured: a hashed user's own, or a
 //!   decoy for an unknown user, and a decoy after the constant-time compare of a plain-password
@@ -22,9 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::{Argon2, PasswordHash, PasswordVerifier};
-use tokio::sync::Semaphore;
 
 use super::login_limit::{LoginLimit, DEFAULT_CAPACITY};
+use super::verify_queue::{Place, Shed, VerifyQueue};
 use crate::config::{AuthConfig, SocksMethod};
 use crate::secret::Secret;
 use crate::socks::{UserPassRequest, METHOD_NO_AUTH, METHOD_USERPASS};
@@ -59,6 +63,8 @@ pub enum LoginOutcome {
     /// Too many recent failures (or attempts in flight) from this address: refused without
     /// checking the password.
     RateLimited,
+    /// The line for argon2 checks had no room: refused without checking the password.
+    Shed,
 }
 
 /// Counters of the login path, for the stats endpoint and tests.
@@ -67,6 +73,8 @@ pub struct AuthCounters {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub rate_limited: AtomicU64,
+    /// Logins refused because the line for argon2 checks was full.
+    pub shed: AtomicU64,
     /// argon2 checks run (real and decoy).
     pub argon2_checks: AtomicU64,
 }
@@ -77,6 +85,7 @@ pub struct AuthCountersSnapshot {
     pub logins_accepted: u64,
     pub logins_rejected: u64,
     pub logins_rate_limited: u64,
+    pub logins_shed: u64,
     pub argon2_checks: u64,
 }
 
@@ -86,6 +95,7 @@ impl AuthCounters {
             logins_accepted: self.accepted.load(Relaxed),
             logins_rejected: self.rejected.load(Relaxed),
             logins_rate_limited: self.rate_limited.load(Relaxed),
+            logins_shed: self.shed.load(Relaxed),
             argon2_checks: self.argon2_checks.load(Relaxed),
         }
     }
@@ -94,17 +104,19 @@ impl AuthCounters {
 /// Runs argon2 checks on the blocking pool, a bounded number at a time.
 #[derive(Debug)]
 struct Verifier {
-    /// Shared by the authenticators a reload builds, so the bound holds across a reload.
-    places: Arc<Semaphore>,
+    /// Shared by the authenticators a reload builds, so the bound, the line and the known
+    /// sources hold across a reload.
+    queue: Arc<VerifyQueue>,
     counters: Arc<AuthCounters>,
 }
 
 impl Verifier {
-    async fn verify(&self, phc: Arc<Secret>, candidate: Secret) -> bool {
-        // Waiting here is part of the handshake, which has its own timeout.
-        let Ok(_place) = self.places.acquire().await else { return false };
+    async fn verify(&self, place: Place, phc: Arc<Secret>, candidate: Secret) -> bool {
         self.counters.argon2_checks.fetch_add(1, Relaxed);
         tokio::task::spawn_blocking(move || {
+            // The place goes with the check: a client that leaves mid-check does not free it
+            // while the check still holds its memory.
+            let _place = place;
             PasswordHash::new(phc.expose()).is_ok_and(|hash| {
                 Argon2::default().verify_password(candidate.expose().as_bytes(), &hash).is_ok()
             })
@@ -159,17 +171,17 @@ impl Authenticator {
 
     /// Like [`Authenticator::from_config`], counting into `counters` (the server's).
     pub fn with_counters(auth: &AuthConfig, counters: Arc<AuthCounters>) -> Self {
-        let places = Arc::new(Semaphore::new(MAX_CONCURRENT_VERIFICATIONS));
+        let queue = VerifyQueue::new(MAX_CONCURRENT_VERIFICATIONS);
         let failures = LoginLimit::new(
             auth.login_failure_limit,
             Duration::from_secs(auth.login_failure_window_secs),
             DEFAULT_CAPACITY,
         );
-        Self::build(auth, counters, places, failures)
+        Self::build(auth, counters, queue, failures)
     }
 
     /// The authenticator of a reloaded `[auth]`: new users and passwords, the same argon2
-    /// places and counters, and the same failed-login tracker unless its limit or window
+    /// places, line, known sources and counters, and the same failed-login tracker unless its limit or window
     /// changed (a reload must not wipe an attacker's record).
     pub fn reloaded(&self, previous: &AuthConfig, auth: &AuthConfig) -> Self {
         let failures = if previous.login_failure_limit == auth.login_failure_limit
@@ -183,13 +195,13 @@ impl Authenticator {
                 DEFAULT_CAPACITY,
             )
         };
-        Self::build(auth, self.counters.clone(), Arc::clone(&self.verifier.places), failures)
+        Self::build(auth, self.counters.clone(), Arc::clone(&self.verifier.queue), failures)
     }
 
     fn build(
         auth: &AuthConfig,
         counters: Arc<AuthCounters>,
-        places: Arc<Semaphore>,
+        queue: Arc<VerifyQueue>,
         failures: Arc<LoginLimit>,
     ) -> Self {
         let users: HashMap<String, Credential> = auth
@@ -219,7 +231,7 @@ impl Authenticator {
             method: auth.method(),
             users,
             decoy,
-            verifier: Verifier { places, counters: counters.clone() },
+            verifier: Verifier { queue, counters: counters.clone() },
             failures,
             counters,
         }
@@ -243,24 +255,54 @@ impl Authenticator {
             self.counters.rate_limited.fetch_add(1, Relaxed);
             return LoginOutcome::RateLimited;
         };
+        // When any user is hashed, every login runs one argon2 check: its place is taken before
+        // the user is looked up, so whether a login waits or is shed depends on its source and
+        // the line only. Waiting is part of the handshake, which has its own timeout.
+        let check = match &self.decoy {
+            Some(decoy) => match self.verifier.queue.acquire(client).await {
+                Ok(place) => Some((place, decoy.clone())),
+                Err(Shed) => {
+                    attempt.withdrawn();
+                    self.counters.shed.fetch_add(1, Relaxed);
+                    if let Some(held_back) = self.verifier.queue.shed_report() {
+                        tracing::warn!(
+                            %client,
+                            shed_not_logged = held_back,
+                            "login shed: too many logins wait for a password check; answered \
+                             as a failure"
+                        );
+                    }
+                    return LoginOutcome::Shed;
+                }
+            },
+            None => None,
+        };
         let candidate = request.password.clone();
-        let accepted = match self.users.get(&request.username) {
-            Some(Credential::Plain(password)) => {
+        let accepted = match (self.users.get(&request.username), check) {
+            (Some(Credential::Plain(password)), check) => {
                 let matched = password.matches(candidate.expose().as_bytes());
-                self.decoy_check(candidate).await;
+                if let Some((place, decoy)) = check {
+                    let _ = self.verifier.verify(place, decoy, candidate).await;
+                }
                 matched
             }
-            Some(Credential::Hashed(phc)) => self.verifier.verify(phc.clone(), candidate).await,
-            None => {
-                // A plain compare against a fixed string when nobody is hashed, else argon2.
-                if self.decoy.is_none() {
-                    let _ = Secret::new("x".repeat(32)).matches(candidate.expose().as_bytes());
-                }
-                self.decoy_check(candidate).await;
+            (Some(Credential::Hashed(phc)), Some((place, _))) => {
+                self.verifier.verify(place, phc.clone(), candidate).await
+            }
+            // Not reached: a hashed user makes `decoy` set, and so a place taken.
+            (Some(Credential::Hashed(_)), None) => false,
+            (None, Some((place, decoy))) => {
+                let _ = self.verifier.verify(place, decoy, candidate).await;
+                false
+            }
+            (None, None) => {
+                // Nobody is hashed: a plain compare against a fixed string.
+                let _ = Secret::new("x".repeat(32)).matches(candidate.expose().as_bytes());
                 false
             }
         };
         if accepted {
+            self.verifier.queue.remember(client);
             attempt.succeeded();
             self.counters.accepted.fetch_add(1, Relaxed);
             LoginOutcome::Accepted
@@ -268,13 +310,6 @@ impl Authenticator {
             attempt.failed();
             self.counters.rejected.fetch_add(1, Relaxed);
             LoginOutcome::Rejected
-        }
-    }
-
-    /// One argon2 check against the decoy, result ignored, when any user is hashed.
-    async fn decoy_check(&self, candidate: Secret) {
-        if let Some(decoy) = &self.decoy {
-            let _ = self.verifier.verify(decoy.clone(), candidate).await;
         }
     }
 }

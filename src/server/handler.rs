@@ -316,6 +316,8 @@ async fn handshake(
                 );
                 return Err(SocksError::AuthFailed);
             }
+            // Logged by the authenticator, at most once per interval: a flood sheds many.
+            LoginOutcome::Shed => return Err(SocksError::AuthFailed),
         }
     }
 

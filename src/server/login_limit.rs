@@ -21,10 +21,10 @@ pub const DEFAULT_CAPACITY: usize = 65_536;
 
 /// The key a source is counted under: an IPv4 address, or an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Source(IpAddr);
+pub(crate) struct Source(IpAddr);
 
 impl Source {
-    fn of(addr: IpAddr) -> Self {
+    pub(crate) fn of(addr: IpAddr) -> Self {
         match addr {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => Source(IpAddr::V4(v4)),
@@ -204,6 +204,13 @@ impl Attempt {
     pub fn failed(mut self) {
         self.done = true;
         self.limit.end(self.source, self.generation, true);
+    }
+
+    /// Ends an attempt that got no verdict (shed before its check, or a request without
+    /// credentials): its place is given back and nothing is counted against the source.
+    pub fn withdrawn(mut self) {
+        self.done = true;
+        self.limit.end(self.source, self.generation, false);
     }
 }
 

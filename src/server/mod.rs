@@ -17,6 +17,7 @@ pub mod proxy_header;
 pub mod relay;
 pub mod reload;
 mod udp;
+pub mod verify_queue;
 
 use std::future::Future;
 use std::net::SocketAddr;

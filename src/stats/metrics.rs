@@ -129,6 +129,7 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         ("accepted", server.auth.logins_accepted),
         ("rejected", server.auth.logins_rejected),
         ("rate_limited", server.auth.logins_rate_limited),
+        ("shed", server.auth.logins_shed),
     ] {
         logins.get_or_create(&OutcomeLabel { outcome }).inc_by(count);
     }
@@ -138,6 +139,19 @@ fn render(shared: &Shared, view: &PoolView) -> Result<String, std::fmt::Error> {
         "argon2_checks",
         "argon2 password checks run (real and decoy), at most 2 at once",
         server.auth.argon2_checks,
+    );
+    let tokens = shared.tokens.counts();
+    counter(
+        &mut registry,
+        "stats_token_failures",
+        "Stats requests with a wrong token (/health takes none)",
+        tokens.token_failures,
+    );
+    counter(
+        &mut registry,
+        "stats_token_rate_limited",
+        "Stats requests refused with 429: too many wrong tokens from their source address",
+        tokens.token_rate_limited,
     );
     udp_and_bind(&mut registry, &server);
     let status = ctx.config.status();

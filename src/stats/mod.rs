@@ -7,6 +7,11 @@
 //! - `/health`: liveness and readiness;
 //! - `/`: a self-contained live dashboard polling the JSON routes.
 //!
+//! With `sessions.stats_api_token` set, every route but `/health` needs the token (see `auth`:
+//! a source that sends 10 wrong tokens within 60 s gets 429 for the rest of the window).
+//! `/health` stays open: it tells only liveness, readiness and uptime, and a load balancer's
+//! check carries no token.
+//!
 //! It is built so a slow or hostile HTTP client cannot hurt the proxy: pool stats are read from
 //! the actors with a timeout and shared between concurrent requests, headers must arrive in
 //! time, request heads are size-bounded, connections are counted and have a lifetime.

@@ -62,6 +62,7 @@ pub(super) async fn handle(shared: &Shared, raw_query: Option<&str>) -> Response
     body.insert("config".into(), effective_config(config, shared.ctx.telemetry.is_enabled()));
     body.insert("config_reload".into(), json!(*shared.ctx.config.status()));
     body.insert("server".into(), json!(shared.ctx.server_metrics.snapshot()));
+    body.insert("stats_api".into(), json!(shared.tokens.counts()));
     body.insert("generated_at_ms".into(), json!(now_ms()));
     response::json(status, &Value::Object(body))
 }

@@ -1,5 +1,7 @@
 //! Method and path dispatch, after the token check and the request-size check.
 
+use std::net::SocketAddr;
+
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -21,6 +23,7 @@ const ALLOW: &str = "GET, HEAD";
 pub(super) struct Shared {
     pub(super) ctx: StatsContext,
     pub(super) pool: PoolReader,
+    pub(super) tokens: auth::TokenGuard,
 }
 
 impl Shared {
@@ -30,7 +33,7 @@ impl Shared {
             ctx.options.pool_call_timeout,
             ctx.options.pool_stats_ttl,
         );
-        Shared { ctx, pool }
+        Shared { ctx, pool, tokens: auth::TokenGuard::default() }
     }
 }
 
@@ -54,14 +57,24 @@ fn route_of(path: &str) -> Option<Route> {
     }
 }
 
-pub(super) async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
+/// Answers `request` from `peer` (whose address the token check counts guesses under).
+pub(super) async fn handle(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+) -> Response<Body> {
     let path = request.uri().path();
     let route = route_of(path);
-    // Checked before routing, so without the token even the list of routes stays private.
-    let config = shared.ctx.config.current();
-    let token = config.sessions.stats_api_token.as_ref();
-    if !auth::authorized(token, request.headers()) {
-        return auth::unauthorized(matches!(route, Some(Route::Dashboard)));
+    // `/health` tells liveness, readiness and uptime only, and a balancer's check (HAProxy's
+    // `option httpchk GET /health`) carries no token. Every other path is checked before
+    // routing, so without the token even the list of routes stays private.
+    if !matches!(route, Some(Route::Health)) {
+        let config = shared.ctx.config.current();
+        let token = config.sessions.stats_api_token.as_ref();
+        let is_page = matches!(route, Some(Route::Dashboard));
+        if let Some(refused) = shared.tokens.refusal(token, request.headers(), peer.ip(), is_page) {
+            return refused;
+        }
     }
     if has_body(&request) {
         // No route takes a body; refusing it keeps a client from streaming data at us.

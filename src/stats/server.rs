@@ -87,7 +87,7 @@ pub async fn serve(
                     let registry = registry.clone();
                     connections.spawn(
                         async move {
-                            serve_connection(stream, shared, stop, &registry, &state).await;
+                            serve_connection(stream, peer, shared, stop, &registry, &state).await;
                             registry.remove(state.id);
                             drop(permit);
                         }
@@ -207,6 +207,7 @@ impl Registry {
 
 async fn serve_connection(
     stream: TcpStream,
+    peer: SocketAddr,
     shared: Arc<Shared>,
     stop: CancellationToken,
     registry: &Arc<Registry>,
@@ -231,7 +232,7 @@ async fn serve_connection(
         let registry = registry.clone();
         async move {
             registry.mark_busy(&state);
-            let response = router::handle(&handler, request).await;
+            let response = router::handle(&handler, request, peer).await;
             registry.mark_waiting(&state);
             Ok::<_, Infallible>(response)
         }
