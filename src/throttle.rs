@@ -2,6 +2,7 @@
 //! choose (a full `max_connections`, accept errors, denied datagrams), with a count of what was
 //! held back, so a flood of events never becomes a flood of log lines.
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -15,7 +16,7 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(interval: Duration) -> Self {
+    pub const fn new(interval: Duration) -> Self {
         Throttle { interval, last: None, suppressed: 0 }
     }
 
@@ -38,6 +39,39 @@ impl Throttle {
     pub fn take_suppressed(&mut self) -> u64 {
         std::mem::take(&mut self.suppressed)
     }
+}
+
+/// A [`Throttle`] every session shares, for a log line any client can cause at the rate it
+/// chooses (a `static` per kind of line).
+#[derive(Debug)]
+pub struct SharedThrottle(Mutex<Throttle>);
+
+impl SharedThrottle {
+    pub const fn new(interval: Duration) -> Self {
+        SharedThrottle(Mutex::new(Throttle::new(interval)))
+    }
+
+    /// As [`Throttle::allow`], now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut throttle = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        throttle.allow(Instant::now())
+    }
+}
+
+/// How often a line any client can cause is logged at most.
+pub const CLIENT_LINE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Logs with `tracing`'s `$level!` at most once per [`CLIENT_LINE_INTERVAL`] for this call
+/// site, adding `not_logged` (the occurrences held back since the last line).
+#[macro_export]
+macro_rules! throttled {
+    ($level:ident, $($arg:tt)+) => {{
+        static GATE: $crate::throttle::SharedThrottle =
+            $crate::throttle::SharedThrottle::new($crate::throttle::CLIENT_LINE_INTERVAL);
+        if let Some(not_logged) = GATE.allow() {
+            tracing::$level!(not_logged, $($arg)+);
+        }
+    }};
 }
 
 #[cfg(test)]

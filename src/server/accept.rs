@@ -23,24 +23,42 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// log two lines per client.
 const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Counts a run of failures so a burst is logged once at its start and once at its end,
-/// never once per failure (a flood of EMFILE must not become a flood of log lines).
-#[derive(Debug, Default)]
+/// Counts runs of failures so they are logged at a start and an end, never once per failure
+/// (a flood of EMFILE must not become a flood of log lines). Under exhaustion every freed
+/// descriptor admits one client and a new run starts, so a start is logged at most once per
+/// [`BURST_LOG_INTERVAL`] and the end only of a run whose start was logged; the line carries
+/// the runs not logged.
+#[derive(Debug)]
 struct Burst {
     count: u64,
+    logged: bool,
+    starts: Throttle,
 }
 
+const BURST_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 impl Burst {
-    /// Records a failure; true for the first of a burst.
-    fn fail(&mut self) -> bool {
-        self.count += 1;
-        self.count == 1
+    fn new() -> Self {
+        Burst { count: 0, logged: false, starts: Throttle::new(BURST_LOG_INTERVAL) }
     }
 
-    /// Ends the burst; returns how many failures it had, if any.
+    /// Records a failure; for the first of a run that is to be logged, the runs not logged
+    /// since the last one that was.
+    fn fail(&mut self, now: tokio::time::Instant) -> Option<u64> {
+        self.count += 1;
+        if self.count > 1 {
+            return None;
+        }
+        let report = self.starts.allow(now);
+        self.logged = report.is_some();
+        report
+    }
+
+    /// Ends the run; how many failures it had, if it had any and its start was logged.
     fn end(&mut self) -> Option<u64> {
         let failures = std::mem::take(&mut self.count);
-        (failures > 0).then_some(failures)
+        let logged = std::mem::take(&mut self.logged);
+        (failures > 0 && logged).then_some(failures)
     }
 }
 
@@ -132,7 +150,7 @@ pub(super) async fn accept_loop(
         rejections: Throttle::new(REJECTION_LOG_INTERVAL),
         nodelay_inherited: nodelay_inherited(listener),
     };
-    let mut errors = Burst::default();
+    let mut errors = Burst::new();
     let mut backoff = ACCEPT_BACKOFF_START;
     loop {
         let accepted = tokio::select! {
@@ -150,8 +168,8 @@ pub(super) async fn accept_loop(
             Err(e) if is_per_connection(&e) => continue,
             Err(e) => {
                 // Typically EMFILE/ENFILE: wait for descriptors to free up instead of spinning.
-                if errors.fail() {
-                    warn!(error = %e, "accept failed; backing off until it succeeds again");
+                if let Some(runs_not_logged) = errors.fail(tokio::time::Instant::now()) {
+                    warn!(error = %e, runs_not_logged, "accept failed; backing off until it succeeds again");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
@@ -217,14 +235,21 @@ mod tests {
     }
 
     #[test]
-    fn a_burst_is_reported_once_at_each_end() {
-        let mut burst = Burst::default();
+    fn a_burst_is_reported_once_at_each_end_and_short_runs_fold_into_the_next_report() {
+        let start = tokio::time::Instant::now();
+        let mut burst = Burst::new();
         assert_eq!(burst.end(), None);
-        assert!(burst.fail());
-        assert!(!burst.fail());
-        assert!(!burst.fail());
+        assert_eq!(burst.fail(start), Some(0));
+        assert_eq!(burst.fail(start), None);
+        assert_eq!(burst.fail(start), None);
         assert_eq!(burst.end(), Some(3));
         assert_eq!(burst.end(), None);
-        assert!(burst.fail());
+        // 94 runs of one failure each within the interval: no line at either end.
+        for _ in 0..94 {
+            assert_eq!(burst.fail(start), None);
+            assert_eq!(burst.end(), None);
+        }
+        assert_eq!(burst.fail(start + BURST_LOG_INTERVAL), Some(94));
+        assert_eq!(burst.end(), Some(1));
     }
 }

@@ -27,6 +27,7 @@ use crate::socks::{
     UserPassReply, UserPassRequest, METHOD_USERPASS,
 };
 use crate::telemetry::Telemetry;
+use crate::throttled;
 use crate::upstream::{ConnectError, Connector, Upstream};
 
 /// Largest handshake read in one go; also bounds the pipelined bytes we hold before relaying.
@@ -70,7 +71,7 @@ async fn proxied_client(
     cut: &mut SessionCut,
 ) -> Option<SocketAddr> {
     if !proxy_header::is_trusted(trusted, socket_peer.ip()) {
-        info!("connection from a source not in server.proxy_protocol_trusted: closed");
+        throttled!(info, "connection from a source not in server.proxy_protocol_trusted: closed");
         ctx.metrics.proxy_untrusted();
         ctx.telemetry.warning(
             CATEGORY_ACCESS,
@@ -97,13 +98,13 @@ async fn proxied_client(
             if e.is_disconnect() {
                 debug!(error = %e, "connection closed before its PROXY protocol header");
             } else {
-                info!(error = %e, "invalid PROXY protocol header: closed");
+                throttled!(info, error = %e, "invalid PROXY protocol header: closed");
             }
             ctx.metrics.proxy_header_invalid();
             None
         }
         Err(_) => {
-            info!(timeout = ?ctx.handshake_timeout, "PROXY protocol header timed out");
+            throttled!(info, timeout = ?ctx.handshake_timeout, "PROXY protocol header timed out");
             ctx.metrics.proxy_header_invalid();
             None
         }
@@ -134,7 +135,7 @@ pub async fn serve(
         }
     };
     if !ctx.access.load().client_allowed(peer.ip()) {
-        info!("client address not allowed by access.client_networks");
+        throttled!(info, "client address not allowed by access.client_networks");
         ctx.telemetry.warning(
             CATEGORY_ACCESS,
             "client address not allowed",
@@ -153,13 +154,13 @@ pub async fn serve(
                 if e.is_disconnect() {
                     debug!(error = %e, "client left during handshake");
                 } else {
-                    info!(error = %e, "handshake failed");
+                    throttled!(info, error = %e, "handshake failed");
                 }
                 ctx.metrics.handshake_failed();
                 return;
             }
             Err(_) => {
-                info!(timeout = ?ctx.handshake_timeout, "handshake timed out");
+                throttled!(info, timeout = ?ctx.handshake_timeout, "handshake timed out");
                 ctx.metrics.handshake_failed();
                 return;
             }
@@ -304,11 +305,11 @@ async fn handshake(
         match outcome {
             LoginOutcome::Accepted => debug!(user = %Escaped(&request.username), "authenticated"),
             LoginOutcome::Rejected => {
-                warn!(user = %Escaped(&request.username), "authentication failed");
+                throttled!(warn, user = %Escaped(&request.username), "authentication failed");
                 return Err(SocksError::AuthFailed);
             }
             LoginOutcome::RateLimited => {
-                warn!(user = %Escaped(&request.username), "login refused: too many failures from this address");
+                throttled!(warn, user = %Escaped(&request.username), "login refused: too many failures from this address");
                 ctx.telemetry.warning(
                     CATEGORY_AUTH,
                     "login refused: too many failures from this address",
