@@ -31,7 +31,7 @@ use super::metrics::BindOutcome;
 use super::relay::{relay, watch_error, RelaySettings, SessionEnd};
 use crate::descriptors::{self, Descriptors};
 use crate::socks::{Command, Reply, ReplyCode, TargetAddr};
-use crate::throttle::Throttle;
+use crate::throttled;
 
 /// What BIND needs from the config.
 #[derive(Debug, Clone)]
@@ -177,7 +177,7 @@ pub(super) async fn bind(
 }
 
 /// A BIND's place among the waits and the descriptor of its listener, or `None` (logged at
-/// most once per period) when either has run out.
+/// most once per interval) when either has run out.
 fn places(
     ctx: &HandlerContext,
     peer: SocketAddr,
@@ -186,12 +186,9 @@ fn places(
     let wait = match settings.waits.try_begin(peer.ip()) {
         Ok(wait) => wait,
         Err(full) => {
-            let report = LIMIT_LOG.with(|log| log.borrow_mut().allow(tokio::time::Instant::now()));
-            if let Some(not_logged) = report {
-                match full {
-                    Full::Client(limit) => warn!(limit, not_logged, "BIND refused: this client already has as many BINDs waiting as it may: reply 0x01"),
-                    Full::Total(limit) => warn!(limit, not_logged, "BIND refused: as many BINDs are waiting as the ephemeral port range allows: reply 0x01"),
-                }
+            match full {
+                Full::Client(limit) => throttled!(warn, limit, "BIND refused: this client already has as many BINDs waiting as it may: reply 0x01"),
+                Full::Total(limit) => throttled!(warn, limit, "BIND refused: as many BINDs are waiting as the ephemeral port range allows: reply 0x01"),
             }
             return None;
         }
@@ -199,14 +196,6 @@ fn places(
     let descriptor = ctx.descriptors.try_take(descriptors::BIND)?;
     Some((wait, descriptor))
 }
-
-thread_local! {
-    /// "BIND refused" lines: at most one per period per worker thread, with the count held back.
-    static LIMIT_LOG: std::cell::RefCell<Throttle> =
-        std::cell::RefCell::new(Throttle::new(LIMIT_LOG_PERIOD));
-}
-
-const LIMIT_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 enum Refusal {
     /// The client left (or the server is shutting down) before a reply was due.
