@@ -241,9 +241,13 @@ async fn fragments_malformed_and_oversized_datagrams_are_dropped_and_counted() {
     association.send_raw(&[0, 0, 0]).await;
     association.send_raw(&[0, 0, 0, 9, 1, 2, 3, 4, 0, 80]).await;
     association.send_raw(&[0, 0, 0, 3, 0, 0, 80]).await;
+    // RSV must be zero (RFC 1928 section 7): a non-zero one is not relayed.
+    let mut reserved = datagram(to(echo.addr), b"rsv set");
+    reserved[1] = 1;
+    association.send_raw(&reserved).await;
     assert_eq!(association.round_trip(to(echo.addr), b"whole", echo.addr).await, b"whole");
     let dropped = rig.metrics.snapshot().udp.dropped;
-    assert_eq!((dropped.fragment, dropped.malformed), (1, 3));
+    assert_eq!((dropped.fragment, dropped.malformed), (1, 4));
 
     // Over IPv4 a datagram carries 65,507 bytes: with the 10-byte header, a payload of 65,497.
     let largest: Vec<u8> = (0..65_497u32).map(|i| (i % 251) as u8).collect();

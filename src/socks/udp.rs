@@ -27,6 +27,8 @@ pub enum UdpHeaderError {
     EmptyDomain,
     #[error("domain name is not valid UTF-8")]
     DomainNotUtf8,
+    #[error("reserved field is {0:#06x}, not 0")]
+    ReservedNotZero(u16),
 }
 
 /// One datagram from a client: where it goes, its fragment number and its payload.
@@ -39,12 +41,17 @@ pub struct UdpDatagram<'a> {
 }
 
 impl<'a> UdpDatagram<'a> {
-    /// Parses a whole datagram. The reserved bytes are ignored, as RSV is in requests.
+    /// Parses a whole datagram. RSV must be zero (RFC 1928 section 7).
     pub fn parse(datagram: &'a [u8]) -> Result<Self, UdpHeaderError> {
         let truncated = || UdpHeaderError::Truncated(datagram.len());
-        let (&[_, _, frag, atyp], rest) = split(datagram, 4).ok_or_else(truncated)? else {
+        let (&[rsv_high, rsv_low, frag, atyp], rest) = split(datagram, 4).ok_or_else(truncated)?
+        else {
             return Err(truncated());
         };
+        let reserved = u16::from_be_bytes([rsv_high, rsv_low]);
+        if reserved != 0 {
+            return Err(UdpHeaderError::ReservedNotZero(reserved));
+        }
         let (target, payload) = match atyp {
             ATYP_IPV4 => {
                 let (addr, rest) = split(rest, 4).ok_or_else(truncated)?;
@@ -135,7 +142,7 @@ mod tests {
         assert_eq!(parsed.target, TargetAddr::Ip("192.0.2.1:8080".parse().unwrap()));
         assert_eq!((parsed.frag, parsed.payload), (0, &b"hi"[..]));
 
-        let mut named = vec![0xff, 0xff, 3, 3, 4];
+        let mut named = vec![0, 0, 3, 3, 4];
         named.extend_from_slice(b"a.bc");
         named.extend_from_slice(&[0, 53]);
         let parsed = UdpDatagram::parse(&named).unwrap();
@@ -156,6 +163,10 @@ mod tests {
     #[test]
     fn bad_headers_get_typed_errors() {
         assert_eq!(UdpDatagram::parse(&[0, 0, 0]), Err(UdpHeaderError::Truncated(3)));
+        assert_eq!(
+            UdpDatagram::parse(&[0, 1, 0, 1, 127, 0, 0, 1, 0, 53]),
+            Err(UdpHeaderError::ReservedNotZero(1))
+        );
         assert_eq!(UdpDatagram::parse(&[0, 0, 0, 1, 1, 2]), Err(UdpHeaderError::Truncated(6)));
         assert_eq!(
             UdpDatagram::parse(&[0, 0, 0, 9, 1, 2, 3, 4, 0, 1]),
