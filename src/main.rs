@@ -16,6 +16,8 @@ use tracing_subscriber::{fmt, reload, EnvFilter};
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Tool>,
     /// TOML config file; without it the embedded default config is used (127.0.0.1:1080).
     #[arg(short, long, value_name = "PATH")]
     config: Option<PathBuf>,
@@ -27,11 +29,20 @@ struct Args {
     print_default_config: bool,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Read a password from standard input (one line; its line ending is not part of it) and
+    /// print its argon2id PHC string for `[[auth.users]] password`.
+    HashPassword,
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Tool::HashPassword) = args.command {
+        return hash_password();
+    }
     if args.print_default_config {
-        print!("{DEFAULT_CONFIG_TOML}");
-        return ExitCode::SUCCESS;
+        return print_out(DEFAULT_CONFIG_TOML);
     }
     let config = match &args.config {
         Some(path) => Config::load(path),
@@ -49,9 +60,8 @@ fn main() -> ExitCode {
             .config
             .as_ref()
             .map_or("embedded default config".into(), |p| p.display().to_string());
-        println!("{origin}: ok");
-        print!("{}", poolsocks::config::summary(&config));
-        return ExitCode::SUCCESS;
+        let summary = poolsocks::config::summary(&config);
+        return print_out(&format!("{origin}: ok\n{summary}"));
     }
     let log_level = init_logging(&config);
     if !config.rustsocks.is_empty() {
@@ -105,6 +115,54 @@ async fn serve(
         info!(%addr, pool, "listening");
     }
     server.run(listener, shutdown).await
+}
+
+/// Writes `text` to standard output. A reader that went away (`| head -1`) is not an error:
+/// what it wanted came first.
+fn print_out(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("poolsocks: cannot write to standard output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `poolsocks hash-password`: the PHC string of the password on standard input, with the
+/// parameters README recommends (argon2id, 19 MiB, 2 passes, 1 lane).
+fn hash_password() -> ExitCode {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("poolsocks: cannot read the password: {e}");
+        return ExitCode::from(2);
+    }
+    // `echo pw |` and a typed Enter add a line ending; it is not part of the password.
+    let password = line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l));
+    let password = password.unwrap_or(&line);
+    if password.is_empty() || password.len() > 255 {
+        eprintln!("poolsocks: a password is 1 to 255 bytes (RFC 1929)");
+        return ExitCode::from(2);
+    }
+    let mut salt = [0u8; 16];
+    if let Err(e) = getrandom::getrandom(&mut salt) {
+        eprintln!("poolsocks: no random salt: {e}");
+        return ExitCode::FAILURE;
+    }
+    let hashed = SaltString::encode_b64(&salt).and_then(|salt| {
+        argon2::Argon2::default().hash_password(password.as_bytes(), &salt).map(|h| h.to_string())
+    });
+    match hashed {
+        Ok(phc) => print_out(&format!("{phc}\n")),
+        Err(e) => {
+            eprintln!("poolsocks: cannot hash the password: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Sets up logging; returns how a reload changes the level.

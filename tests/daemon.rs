@@ -299,6 +299,7 @@ fn warns_with_the_figures_when_the_hard_limit_is_too_low() {
     let line = line.unwrap_or_else(|| panic!("no warning in {:?}", daemon.startup_log));
     assert!(line.contains("3128"), "the warning names what is needed: {line}");
     assert!(line.contains("157"), "and how many sessions fit: {line}");
+    assert!(line.contains("server.max_connections = 157"), "and the simpler fix: {line}");
     // It still raised the soft limit as far as the hard limit allows.
     assert_eq!(soft_nofile(daemon.child.id()), 600);
 }
@@ -314,4 +315,54 @@ fn sigterm_as_soon_as_listening_is_logged_is_a_graceful_stop() {
         let status = daemon.wait();
         assert!(status.success(), "stopped by {status:?}");
     }
+}
+
+/// `--check` and `--print-default-config` into a pipe whose reader is gone (`| head -1` that
+/// already has its line): exit 0, no panic.
+#[test]
+fn output_into_a_closed_pipe_is_not_a_crash() {
+    for args in [&["--check"][..], &["--print-default-config"][..]] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_poolsocks"))
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("run poolsocks");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {:?} {stderr}", output.status);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}
+
+/// `poolsocks hash-password` turns `echo pw |` into a PHC string (the line ending is not part
+/// of the password) that logs in with that password and no other.
+#[tokio::test(flavor = "multi_thread")]
+async fn hash_password_prints_a_string_the_daemon_accepts() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_poolsocks"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run hash-password");
+    std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), b"alice pw\n")
+        .expect("write password");
+    let output = child.wait_with_output().expect("hash-password output");
+    assert!(output.status.success());
+    let phc = String::from_utf8(output.stdout).expect("utf-8");
+    let phc = phc.trim_end();
+    assert!(phc.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{phc}");
+
+    let echo = common::EchoServer::start().await;
+    let daemon = Daemon::start(&format!(
+        "[server]\nbind_port = 0\n[[auth.users]]\nusername = \"alice\"\npassword = \"{phc}\"\n"
+    ));
+    let (mut stream, reply) =
+        common::connect_with_password(daemon.addr, echo.addr.into(), "alice", "alice pw").await;
+    assert_eq!(reply.code, poolsocks::socks::ReplyCode::Succeeded);
+    assert_eq!(common::round_trip(&mut stream, b"in").await, b"in");
+    let mut stream = TcpStream::connect(daemon.addr).await.expect("connect");
+    common::greet(&mut stream, &[poolsocks::socks::METHOD_USERPASS]).await;
+    let refused = common::authenticate(&mut stream, "alice", "alice pw\n").await;
+    assert!(!refused.success, "the newline is not part of the password");
 }

@@ -134,11 +134,16 @@ fn systemd_unit_verifies_and_rates_ok_or_better() {
     };
     let defaults = Config::default();
     let server = &defaults.server;
-    let needed = 2 * server.max_connections as u64 + server.pool.max_total_idle as u64 + 128;
+    let mut pooled = defaults.clone();
+    pooled.server.pool.enabled = true;
+    let needed = poolsocks::server::fd_limit::descriptors_needed(&pooled);
     assert!(value("LimitNOFILE") >= needed, "LimitNOFILE below {needed}");
     let stop = value("TimeoutStopSec");
     assert!(stop > server.shutdown_grace_secs + server.shutdown_delay_ms / 1000, "TimeoutStopSec");
-    assert!(shipped.contains("ExecReload=/bin/kill -HUP $MAINPID"));
+    // `systemctl reload` fails on an invalid file: the check runs before the signal.
+    let check = shipped.find("ExecReload=/usr/local/bin/poolsocks --check --config ");
+    let signal = shipped.find("ExecReload=/bin/kill -HUP $MAINPID");
+    assert!(check.zip(signal).is_some_and(|(check, signal)| check < signal), "{shipped}");
     assert!(shipped.contains("tcp_migrate_req=1"), "the unit tells operators what to set");
 }
 

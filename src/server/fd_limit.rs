@@ -101,17 +101,21 @@ pub fn raise_open_file_limit(needed: u64) -> io::Result<OpenFileLimit> {
 pub fn apply(config: &Config) {
     let needed = descriptors_needed(config);
     match raise_open_file_limit(needed) {
-        Ok(limit) if !limit.suffices() => tracing::warn!(
-            soft = ?limit.after,
-            hard = ?limit.hard,
-            needed,
-            max_connections = config.server.max_connections,
-            sessions_that_fit = limit.after.map(|soft| {
+        Ok(limit) if !limit.suffices() => {
+            let fit = limit.after.map_or(0, |soft| {
                 soft.saturating_sub(RESERVED_DESCRIPTORS) / (PER_SESSION + EXTRA_PER_SESSION)
-            }),
-            "the open-file hard limit is below what max_connections needs: sessions beyond it \
-             will fail (raise it: ulimit -Hn, or LimitNOFILE= in a systemd unit)"
-        ),
+            });
+            tracing::warn!(
+                soft = ?limit.after,
+                hard = ?limit.hard,
+                needed,
+                max_connections = config.server.max_connections,
+                sessions_that_fit = fit,
+                "the open-file hard limit is below what max_connections needs: sessions beyond \
+                 {fit} will fail. Set server.max_connections = {fit} (or less), or raise the hard \
+                 limit to {needed} (ulimit -Hn, or LimitNOFILE= in a systemd unit)"
+            )
+        }
         Ok(limit) if limit.after != limit.before => tracing::info!(
             from = ?limit.before,
             to = ?limit.after,
