@@ -221,6 +221,8 @@ async fn a_bind_for_a_denied_host_is_refused_with_0x02() {
 #[tokio::test]
 async fn bind_over_ipv6_listens_on_the_ipv6_address() {
     let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+        // Under CI a missing prerequisite fails, as everywhere else.
+        assert!(std::env::var_os("CI").is_none(), "no IPv6 loopback here");
         eprintln!("SKIPPED: no IPv6 loopback here");
         return;
     };

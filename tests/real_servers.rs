@@ -41,7 +41,7 @@ async fn await_no_live_spare(view: &mut watch::Receiver<DestStats>, within: Dura
 async fn ten_ssh_logins_through_the_pool_with_gaps_longer_than_login_grace_time() {
     if !available("/usr/sbin/sshd", "openssh-server")
         || !available("ssh", "openssh-client")
-        || !available("nc", "netcat-openbsd")
+        || !available("nc.openbsd", "netcat-openbsd")
     {
         return;
     }
@@ -80,7 +80,7 @@ async fn ten_ssh_logins_through_the_pool_with_gaps_longer_than_login_grace_time(
             .args(["-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no"])
             .args(["-o", "UserKnownHostsFile=/dev/null", "-o", "ConnectTimeout=20"])
             .arg("-o")
-            .arg(format!("ProxyCommand=nc -X 5 -x {} %h %p", proxy.addr))
+            .arg(format!("ProxyCommand=nc.openbsd -X 5 -x {} %h %p", proxy.addr))
             .arg(format!("{user}@127.0.0.1"))
             .arg(format!("echo login-{login}"));
         let out = tokio::task::spawn_blocking(move || run("ssh through the proxy", &mut ssh))
@@ -102,14 +102,15 @@ async fn ten_ssh_logins_through_the_pool_with_gaps_longer_than_login_grace_time(
 }
 
 /// Forwards each connection accepted on a local port through the SOCKS proxy with OpenBSD
-/// `nc -X 5` (a SOCKS client nobody here wrote), for clients that cannot speak SOCKS.
+/// `nc.openbsd -X 5` (a SOCKS client nobody here wrote; ncat and traditional netcat take other
+/// flags, so the OpenBSD one is named), for clients that cannot speak SOCKS.
 async fn socks_forwarder(proxy: SocketAddr, target: SocketAddr) -> SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind forwarder");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let child = tokio::process::Command::new("nc")
+                let child = tokio::process::Command::new("nc.openbsd")
                     .args(["-N", "-X", "5", "-x", &proxy.to_string()])
                     .arg(target.ip().to_string())
                     .arg(target.port().to_string())
@@ -145,7 +146,7 @@ async fn socks_forwarder(proxy: SocketAddr, target: SocketAddr) -> SocketAddr {
 async fn mariadb_on_its_default_settings_stays_reachable_through_the_pool() {
     if !available("mariadbd", "mariadb-server")
         || !available("mariadb", "mariadb-client")
-        || !available("nc", "netcat-openbsd")
+        || !available("nc.openbsd", "netcat-openbsd")
     {
         return;
     }

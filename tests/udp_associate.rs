@@ -134,6 +134,8 @@ async fn udp_bind_address_is_where_the_relay_listens() {
 #[tokio::test]
 async fn an_ipv6_client_reaches_ipv4_and_ipv6_destinations() {
     let Ok(listener) = TcpListener::bind("[::1]:0").await else {
+        // Under CI a missing prerequisite fails, as everywhere else.
+        assert!(std::env::var_os("CI").is_none(), "no IPv6 loopback here");
         eprintln!("SKIPPED: no IPv6 loopback here");
         return;
     };
