@@ -147,6 +147,29 @@ fn systemd_unit_verifies_and_rates_ok_or_better() {
     assert!(shipped.contains("tcp_migrate_req=1"), "the unit tells operators what to set");
 }
 
+/// The config holds secrets: the unit runs as a static `poolsocks` user that the shipped
+/// sysusers file creates, and installs the config root:poolsocks 0640, never world-readable.
+#[test]
+fn the_service_user_comes_from_sysusers_and_the_config_is_not_world_readable() {
+    let Some(sysusers) = require_tool("systemd-sysusers") else { return };
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc")).unwrap();
+    let output = run(Command::new(&sysusers)
+        .arg(format!("--root={}", root.path().display()))
+        .arg(repo("deploy/systemd/poolsocks.sysusers")));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    let user = passwd.lines().find(|l| l.starts_with("poolsocks:")).expect("user created");
+    assert!(user.ends_with(":/usr/sbin/nologin"), "{user}");
+    let group = std::fs::read_to_string(root.path().join("etc/group")).unwrap();
+    assert!(group.lines().any(|l| l.starts_with("poolsocks:")), "group created");
+
+    let unit = std::fs::read_to_string(repo("deploy/systemd/poolsocks.service")).unwrap();
+    assert!(unit.contains("\nUser=poolsocks\n") && unit.contains("\nGroup=poolsocks\n"), "{unit}");
+    assert!(unit.contains("install -D -m 0640 -o root -g poolsocks config/poolsocks.toml"));
+    assert!(!unit.contains("0644 config/"), "the config is never installed world-readable");
+}
+
 // ---------------------------------------------------------------- Kubernetes
 
 /// The manifests as JSON, through PyYAML (`python3 -c 'import yaml'`; CI installs it).
