@@ -97,7 +97,8 @@ impl Admission<'_> {
             ctx.metrics.rejected_over_limit();
             if let Some(held_back) = self.rejections.allow(tokio::time::Instant::now()) {
                 warn!(
-                    rejected_since_last_report = held_back,
+                    // This client and those held back since the last line.
+                    rejected = held_back + 1,
                     "max_connections reached: closing new clients until a slot frees"
                 );
             }
