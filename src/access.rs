@@ -10,14 +10,24 @@
 //! (`0.0.0.0/8`, `::`, and their IPv4-mapped forms). Linux delivers a connect to `0.0.0.0` or
 //! `::` to the local host, so such an address would reach loopback services past a rule that
 //! denies `127.0.0.0/8`; no real destination has one.
+//!
+//! A second one holds when the SOCKS listener is not on loopback, so its clients are not this
+//! host's users: the proxy's own host and what only it can reach are no destination unless the
+//! operator says so. Loopback (`127.0.0.0/8`, `::1`), link-local (`169.254.0.0/16`, which holds
+//! the usual cloud metadata address, and `fe80::/10`), the other metadata services
+//! (`fd00:ec2::254`, `100.100.100.200`) and this host's own addresses (see [`HostGuard`]) are
+//! denied. Only an allow rule whose `networks` contain the address lifts that (its `ports` and
+//! `domains`, if set, must match too), and only when no earlier rule denies it: an allow rule
+//! without `networks` (`ports = [443]`) and `default_action` do not reach these addresses, so
+//! a "web only" policy does not open the metadata service on port 80.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use ipnet::IpNet;
 
-use crate::config::{AccessConfig, PortRange, RuleAction, RuleConfig};
+use crate::config::{Config, PortRange, RuleAction, RuleConfig};
 use crate::socks::TargetAddr;
 
 /// The rules in force, swapped whole when the config is reloaded; every check takes the
@@ -29,6 +39,104 @@ pub struct AccessPolicy {
     client_networks: Vec<IpNet>,
     default_action: RuleAction,
     rules: Vec<Rule>,
+    /// Set when the listener is not on loopback.
+    host_guard: Option<HostGuard>,
+}
+
+/// What the built-in deny for a listener beyond loopback covers: the fixed networks
+/// ([`is_host_or_metadata_network`]) and this host's own addresses, taken when the policy is
+/// built (at start and at each reload): every interface address, the listener's, the stats
+/// endpoint's and `udp_bind_address`. The last three are added whatever the interfaces say, so
+/// they are covered on a host whose interfaces cannot be listed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostGuard {
+    /// Canonical (IPv4-mapped ones as IPv4), sorted, no duplicates.
+    own: Vec<IpAddr>,
+}
+
+impl HostGuard {
+    /// The guard for `config`'s listener, with `interfaces` as this host's interface addresses.
+    pub fn new(config: &Config, interfaces: impl IntoIterator<Item = IpAddr>) -> Self {
+        let server = &config.server;
+        let sessions = &config.sessions;
+        let mut own: Vec<IpAddr> = interfaces
+            .into_iter()
+            .chain(Some(server.bind_address))
+            .chain(sessions.stats_api_enabled.then_some(sessions.stats_api_bind_address))
+            .chain(server.udp_bind_address)
+            .map(canonical)
+            .filter(|addr| !is_unspecified(*addr))
+            .collect();
+        own.sort_unstable();
+        own.dedup();
+        HostGuard { own }
+    }
+
+    /// This host's own addresses the guard holds (beyond the fixed networks).
+    pub fn own_addresses(&self) -> &[IpAddr] {
+        &self.own
+    }
+
+    fn covers(&self, addr: IpAddr) -> bool {
+        let addr = canonical(addr);
+        is_host_or_metadata_network(addr) || self.own.binary_search(&addr).is_ok()
+    }
+}
+
+/// Alibaba Cloud's metadata service, alone: the rest of 100.64.0.0/10 is real networks (CGNAT).
+const ALIBABA_METADATA: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 200);
+/// AWS's IPv6 metadata service, alone: the rest of fd00::/8 is real (unique-local) networks.
+const AWS_METADATA_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254);
+
+/// Loopback, link-local (both families) and the metadata services' addresses, whichever host
+/// the proxy runs on. IPv4-mapped forms count as the IPv4 address they carry.
+pub fn is_host_or_metadata_network(addr: IpAddr) -> bool {
+    match canonical(addr) {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_link_local() || v4 == ALIBABA_METADATA,
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || (v6.segments()[0] & 0xffc0) == 0xfe80 || v6 == AWS_METADATA_V6
+        }
+    }
+}
+
+/// This host's interface addresses, or why they could not be listed.
+#[cfg(unix)]
+pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs(3) stores the head of a list it allocated in `head`, which is only
+    // read below while the list is alive and is freed once, with freeifaddrs(3).
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut found = Vec::new();
+    let mut entry = head;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs returned (not yet freed).
+        let node = unsafe { &*entry };
+        let addr = node.ifa_addr;
+        if !addr.is_null() {
+            // SAFETY: a non-null `ifa_addr` points to a socket address whose family field says
+            // which structure it is; each is read unaligned, as what it says it is.
+            let family = i32::from(unsafe { (*addr).sa_family });
+            if family == libc::AF_INET {
+                let sin: libc::sockaddr_in = unsafe { std::ptr::read_unaligned(addr.cast()) };
+                found.push(IpAddr::V4(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr))));
+            } else if family == libc::AF_INET6 {
+                let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read_unaligned(addr.cast()) };
+                found.push(IpAddr::V6(Ipv6Addr::from(sin6.sin6_addr.s6_addr)));
+            }
+        }
+        entry = node.ifa_next;
+    }
+    // SAFETY: `head` came from a successful getifaddrs and is freed only here.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(found)
+}
+
+/// Elsewhere the listener's and the stats endpoint's addresses are all the guard knows.
+#[cfg(not(unix))]
+pub fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
+    Err(std::io::Error::new(std::io::ErrorKind::Unsupported, "not supported on this platform"))
 }
 
 #[derive(Debug, Clone)]
@@ -111,23 +219,51 @@ pub fn is_unspecified(addr: IpAddr) -> bool {
 }
 
 impl AccessPolicy {
-    pub fn from_config(config: &AccessConfig) -> Self {
+    /// The policy `config` describes: its `[access]` rules, and the built-in deny of this
+    /// host's addresses when `server.bind_address` is not loopback (with the interfaces'
+    /// addresses listed now; a host whose interfaces cannot be listed gets a warning and the
+    /// addresses the config names).
+    pub fn from_config(config: &Config) -> Self {
+        let guard = (!config.server.listens_on_loopback()).then(|| {
+            let interfaces = interface_addresses().unwrap_or_else(|e| {
+                tracing::warn!(
+                    error = %e,
+                    "cannot list this host's interface addresses: the built-in deny covers                      loopback, link-local, metadata and the addresses the config names only"
+                );
+                Vec::new()
+            });
+            HostGuard::new(config, interfaces)
+        });
+        Self::with_host_guard(config, guard)
+    }
+
+    /// The policy for `config`'s `[access]` with `guard` as the built-in deny of this host's
+    /// addresses (`None`: none, as for a loopback listener), whatever the listener.
+    pub fn with_host_guard(config: &Config, guard: Option<HostGuard>) -> Self {
+        let access = &config.access;
         AccessPolicy {
-            client_networks: config.client_networks.clone(),
-            default_action: config.default_action,
-            rules: config.rules.iter().map(Rule::from_config).collect(),
+            client_networks: access.client_networks.clone(),
+            default_action: access.default_action,
+            rules: access.rules.iter().map(Rule::from_config).collect(),
+            host_guard: guard,
         }
     }
 
-    /// Allows everything: what a config without `[access]` means.
+    /// Allows everything: what a config without `[access]` means on a loopback listener.
     pub const ALLOW_ALL: AccessPolicy = AccessPolicy {
         client_networks: Vec::new(),
         default_action: RuleAction::Allow,
         rules: Vec::new(),
+        host_guard: None,
     };
 
     pub fn allow_all() -> Self {
         Self::ALLOW_ALL
+    }
+
+    /// The built-in deny of this host's addresses, when the listener is not on loopback.
+    pub fn host_guard(&self) -> Option<&HostGuard> {
+        self.host_guard.as_ref()
     }
 
     /// This policy as the shared, swappable handle the server and its dialer hold.
@@ -141,17 +277,15 @@ impl AccessPolicy {
     }
 
     /// The check before resolution. `false` only when the rules deny `target` whatever it
-    /// resolves to; otherwise the dial-time check decides.
+    /// resolves to; otherwise the dial-time check decides. An address literal is judged in
+    /// full at once.
     pub fn may_reach(&self, target: &TargetAddr) -> bool {
-        let (name, addr) = match target {
-            TargetAddr::Ip(addr) => (None, Some(addr.ip())),
-            TargetAddr::Domain(name, _) => (Some(name.as_str()), None),
+        let name = match target {
+            TargetAddr::Ip(addr) => return self.may_connect(target, addr.ip()),
+            TargetAddr::Domain(name, _) => name.as_str(),
         };
-        if addr.is_some_and(is_unspecified) {
-            return false;
-        }
         for rule in &self.rules {
-            match rule.judge(name, addr, target.port()) {
+            match rule.judge(Some(name), None, target.port()) {
                 Verdict::Matches => return rule.action == RuleAction::Allow,
                 Verdict::NoMatch => continue,
                 Verdict::Undecided => return true,
@@ -169,12 +303,18 @@ impl AccessPolicy {
             TargetAddr::Domain(name, _) => Some(name.as_str()),
             TargetAddr::Ip(_) => None,
         };
-        let action = self
-            .rules
-            .iter()
-            .find(|rule| matches!(rule.judge(name, Some(addr), target.port()), Verdict::Matches))
-            .map_or(self.default_action, |rule| rule.action);
-        action == RuleAction::Allow
+        let guarded = self.host_guard.as_ref().is_some_and(|guard| guard.covers(addr));
+        for rule in &self.rules {
+            if !matches!(rule.judge(name, Some(addr), target.port()), Verdict::Matches) {
+                continue;
+            }
+            // Only an allow rule that names the address's network speaks for a guarded one.
+            if guarded && rule.action == RuleAction::Allow && rule.networks.is_empty() {
+                continue;
+            }
+            return rule.action == RuleAction::Allow;
+        }
+        !guarded && self.default_action == RuleAction::Allow
     }
 }
 
@@ -184,7 +324,31 @@ mod tests {
     use crate::config::Config;
 
     fn policy(toml: &str) -> AccessPolicy {
-        AccessPolicy::from_config(&Config::from_toml(toml, None).expect("valid").access)
+        AccessPolicy::from_config(&Config::from_toml(toml, None).expect("valid"))
+    }
+
+    /// A listener on every address of a host whose interfaces are 192.0.2.10 and 2001:db8::10,
+    /// with `rules` (TOML) as its access section.
+    fn open_listener(rules: &str) -> AccessPolicy {
+        let config = Config::from_toml(
+            &format!(
+                "[server]\nbind_address = \"0.0.0.0\"\nallow_open_proxy = true\n\
+                 [sessions]\nstats_api_enabled = true\nstats_api_bind_address = \"198.51.100.7\"\n\
+                 {rules}"
+            ),
+            None,
+        )
+        .expect("valid");
+        let interfaces = ["192.0.2.10", "2001:db8::10"].map(|a| a.parse().expect("ip"));
+        AccessPolicy::with_host_guard(&config, Some(HostGuard::new(&config, interfaces)))
+    }
+
+    fn ip(text: &str) -> IpAddr {
+        text.parse().expect("ip")
+    }
+
+    fn literal(addr: &str, port: u16) -> TargetAddr {
+        TargetAddr::Ip(std::net::SocketAddr::new(ip(addr), port))
     }
 
     fn domain(name: &str, port: u16) -> TargetAddr {
@@ -247,5 +411,87 @@ mod tests {
         assert!(p.client_allowed("10.1.2.3".parse().expect("ip")));
         assert!(!p.client_allowed("127.0.0.1".parse().expect("ip")));
         assert!(AccessPolicy::allow_all().client_allowed("203.0.113.9".parse().expect("ip")));
+    }
+
+    #[test]
+    fn a_listener_beyond_loopback_denies_this_host_link_local_and_metadata_by_default() {
+        let p = open_listener("");
+        let named = domain("innocent.example", 80);
+        for addr in [
+            "127.0.0.1",
+            "127.8.9.10",
+            "::1",
+            "::ffff:127.0.0.1",
+            "169.254.169.254",
+            "::ffff:169.254.169.254",
+            "169.254.0.1",
+            "fe80::1",
+            "febf:ffff::1",
+            "fd00:ec2::254",
+            "100.100.100.200",
+            "::ffff:100.100.100.200",
+            // This host's interfaces and the stats endpoint's address.
+            "192.0.2.10",
+            "::ffff:192.0.2.10",
+            "2001:db8::10",
+            "198.51.100.7",
+        ] {
+            assert!(!p.may_connect(&named, ip(addr)), "{addr} by name must be refused");
+            assert!(!p.may_reach(&literal(addr, 80)), "{addr} literal must be refused at once");
+        }
+        for addr in ["192.0.2.11", "100.100.100.201", "fec0::1", "fd00:ec2::253", "8.8.8.8"] {
+            assert!(p.may_connect(&named, ip(addr)), "{addr} is someone else's");
+            assert!(p.may_reach(&literal(addr, 80)), "{addr} is someone else's");
+        }
+        assert!(p.may_reach(&named), "a name is judged on its addresses");
+    }
+
+    #[test]
+    fn only_an_allow_rule_naming_the_network_lifts_the_built_in_deny() {
+        let p = open_listener(
+            "[access]\ndefault_action = \"allow\"\n\
+             [[access.rules]]\naction = \"allow\"\nports = [80, 443]\n\
+             [[access.rules]]\naction = \"deny\"\nnetworks = [\"127.0.0.2/32\"]\n\
+             [[access.rules]]\naction = \"allow\"\nnetworks = [\"127.0.0.0/8\"]\nports = [8080]\n",
+        );
+        let named = domain("app.example", 8080);
+        assert!(p.may_connect(&named, ip("127.0.0.1")), "named network and port");
+        assert!(p.may_connect(&named, ip("::ffff:127.0.0.1")), "and its mapped form");
+        assert!(p.may_reach(&literal("127.0.0.1", 8080)));
+        assert!(!p.may_connect(&named, ip("127.0.0.2")), "an earlier deny still wins");
+        assert!(!p.may_reach(&literal("127.0.0.1", 9090)), "another port: not named");
+        assert!(!p.may_reach(&literal("::1", 8080)), "another network: not named");
+        assert!(
+            !p.may_reach(&literal("169.254.169.254", 80)),
+            "an allow rule without networks does not open metadata"
+        );
+        assert!(p.may_reach(&literal("192.0.2.200", 80)), "it still allows everyone else");
+    }
+
+    #[test]
+    fn a_loopback_listener_has_no_guard_and_unspecified_listeners_are_not_an_own_address() {
+        let p = policy("");
+        assert!(p.host_guard().is_none());
+        assert!(p.may_reach(&literal("127.0.0.1", 9090)), "loopback listener: as configured");
+        assert!(p.may_reach(&literal("169.254.169.254", 80)));
+        let guarded = open_listener("");
+        let own = guarded.host_guard().expect("guard").own_addresses();
+        assert!(!own.iter().any(|a| a.is_unspecified()), "{own:?}");
+        assert!(own.contains(&ip("198.51.100.7")), "{own:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_daemon_lists_this_hosts_interfaces() {
+        let config = Config::from_toml(
+            "[server]\nbind_address = \"0.0.0.0\"\nallow_open_proxy = true\n",
+            None,
+        )
+        .expect("valid");
+        let p = AccessPolicy::from_config(&config);
+        assert!(p.host_guard().is_some());
+        let interfaces = interface_addresses().expect("getifaddrs");
+        assert!(interfaces.contains(&ip("127.0.0.1")), "lo is an interface: {interfaces:?}");
+        assert!(!p.may_reach(&literal("127.0.0.1", 9090)));
     }
 }

@@ -228,7 +228,7 @@ async fn spares_whose_peer_the_new_rules_deny_are_closed() {
         None,
     )
     .expect("valid");
-    policy.store(Arc::new(AccessPolicy::from_config(&rules.access)));
+    policy.store(Arc::new(AccessPolicy::from_config(&rules)));
     pool.reconfigure(options(4, 100, RefillMode::Off)).await.expect("reconfigure");
     upstreams.await_open(1).await;
     let mut view = pool.watch_destination(&denied).await.expect("watch");

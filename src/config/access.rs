@@ -2,6 +2,7 @@
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use toml_edit::{ImDocument, Item, TableLike};
 
 use super::{invalid, Config, ConfigError};
 
@@ -87,6 +88,17 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// `443`, or `8000-8999`.
+impl std::fmt::Display for PortRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.first == self.last {
+            write!(f, "{}", self.first)
+        } else {
+            write!(f, "{}-{}", self.first, self.last)
+        }
+    }
+}
+
 /// Written back as it is read: `443`, or `"8000-8999"`.
 impl Serialize for PortRange {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
@@ -98,16 +110,75 @@ impl Serialize for PortRange {
     }
 }
 
-impl Config {
-    pub(super) fn validate_access(&self) -> Result<(), ConfigError> {
-        for rule in &self.access.rules {
+impl RuleConfig {
+    /// A rule with no criterion matches every destination.
+    pub fn matches_everything(&self) -> bool {
+        self.networks.is_empty() && self.domains.is_empty() && self.ports.is_empty()
+    }
+}
+
+impl AccessConfig {
+    /// The first rule that cannot be meant as written: its index, the key at fault and why.
+    pub(super) fn rule_problem(&self) -> Option<(usize, &'static str, String)> {
+        self.rules.iter().enumerate().find_map(|(index, rule)| {
+            let number = index + 1;
             if let Some(domain) = rule.domains.iter().find(|d| d.trim_matches('.').is_empty()) {
-                return Err(invalid(
+                return Some((
+                    index,
                     "access.rules.domains",
-                    format!("{domain:?} is not a domain suffix"),
+                    format!("(rule {number}) {domain:?} is not a domain suffix"),
                 ));
             }
-        }
-        Ok(())
+            if !rule.matches_everything() {
+                return None;
+            }
+            let problem = match rule.action {
+                RuleAction::Deny => format!(
+                    "(rule {number}, deny) has no networks, domains or ports, so it denies every \
+                     destination and no later rule is ever reached. Give it networks, domains or \
+                     ports; to deny what no rule matches, set access.default_action = \"deny\""
+                ),
+                RuleAction::Allow => format!(
+                    "(rule {number}, allow) has no networks, domains or ports, so it allows every \
+                     destination and no later rule is ever reached. Give it networks, domains or \
+                     ports; to allow what no rule matches, set access.default_action = \"allow\""
+                ),
+            };
+            Some((index, "access.rules", problem))
+        })
     }
+}
+
+impl Config {
+    pub(super) fn validate_access(&self) -> Result<(), ConfigError> {
+        match self.access.rule_problem() {
+            Some((_, key, problem)) => Err(invalid(key, problem)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The line of rule `index` in `text` (its `[[access.rules]]` header, or its inline table), or of
+/// the key `key` ends with inside it (`access.rules.domains`: its `domains`).
+pub(super) fn line_of_rule(text: &str, index: usize, key: &str) -> Option<usize> {
+    let document = ImDocument::parse(text).ok()?;
+    let rules = document.get("access")?.as_table_like()?.get("rules")?;
+    let (table, span): (&dyn TableLike, _) = match rules {
+        Item::ArrayOfTables(tables) => {
+            let table = tables.get(index)?;
+            (table, table.span())
+        }
+        Item::Value(value) => {
+            let rule = value.as_array()?.get(index)?;
+            (rule.as_inline_table()?, rule.span())
+        }
+        _ => return None,
+    };
+    let leaf = key.strip_prefix("access.rules.");
+    let offset = leaf
+        .and_then(|leaf| table.get_key_value(leaf))
+        .and_then(|(key, _)| key.span())
+        .or(span)?
+        .start;
+    Some(text.get(..offset)?.matches('\n').count() + 1)
 }

@@ -102,13 +102,24 @@ impl Config {
         config.validate().map_err(|e| match e {
             ConfigError::Invalid { key, problem, .. } => ConfigError::Invalid {
                 origin: origin.map(Path::to_path_buf),
-                line: line_of_key(&text, key),
+                line: config.line_of_problem(&text, key),
                 key,
                 problem,
             },
             other => other,
         })?;
         Ok(config)
+    }
+
+    /// The line `validate`'s complaint about `key` points at. A rule's key is assigned once per
+    /// rule, so the rule at fault is found by its position.
+    fn line_of_problem(&self, text: &str, key: &str) -> Option<usize> {
+        match self.access.rule_problem() {
+            Some((index, _, _)) if key.starts_with("access.rules") => {
+                access::line_of_rule(text, index, key).or_else(|| line_of_key(text, key))
+            }
+            _ => line_of_key(text, key),
+        }
     }
 
     /// Reads and parses the file at `path`. Blocking: call it off the async runtime.
@@ -200,7 +211,7 @@ impl Config {
         }
         self.validate_auth()?;
         self.validate_access()?;
-        if !server.bind_address.is_loopback()
+        if !server.listens_on_loopback()
             && self.auth.method() == SocksMethod::None
             && !server.allow_open_proxy
         {
@@ -220,6 +231,7 @@ impl Config {
                 "must be at least 1 when telemetry is enabled",
             ));
         }
+        self.validate_sessions()?;
         if self.sessions.stats_api_enabled
             && self.sessions.stats_api_addr() == server.bind_addr()
             && server.bind_port != 0
@@ -265,6 +277,32 @@ mod tests {
         assert!(Config::from_toml(text, None).unwrap().server.proxy_protocol);
         let text = "[server]\nproxy_protocol_trusted = [\"10.0.0.5\"]\n";
         assert!(Config::from_toml(text, None).is_err(), "a bare address is not a CIDR");
+    }
+
+    #[test]
+    fn a_stats_token_of_nothing_is_refused_by_line() {
+        for token in ["", "  \t"] {
+            let text =
+                format!("[sessions]\nstats_api_enabled = true\nstats_api_token = \"{token}\"\n");
+            let error = Config::from_toml(&text, None).unwrap_err().to_string();
+            assert!(error.contains("`sessions.stats_api_token` is empty"), "{error}");
+            assert!(error.contains("line 3"), "{error}");
+        }
+        let text = "[sessions]\nstats_api_token = \"t0ken\"\n";
+        assert!(Config::from_toml(text, None).is_ok());
+    }
+
+    #[test]
+    fn a_rule_matching_everything_is_refused_by_its_own_line() {
+        let text = "[[access.rules]]\naction = \"deny\"\nports = [25]\n\n\
+                    [[access.rules]]\naction = \"deny\"\nnetworks = []\n";
+        let error = Config::from_toml(text, None).unwrap_err().to_string();
+        assert!(error.contains("line 5: `access.rules` (rule 2, deny)"), "{error}");
+        assert!(error.contains("access.default_action = \"deny\""), "{error}");
+        let text = "[[access.rules]]\naction = \"allow\"\n";
+        let error = Config::from_toml(text, None).unwrap_err().to_string();
+        assert!(error.contains("line 1: `access.rules` (rule 1, allow)"), "{error}");
+        assert!(error.contains("access.default_action = \"allow\""), "{error}");
     }
 
     #[test]

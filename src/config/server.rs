@@ -150,6 +150,13 @@ impl ServerConfig {
         SocketAddr::new(self.bind_address, self.bind_port)
     }
 
+    /// Whether only this host's users can reach the listener. Anything else (an IPv4-mapped
+    /// loopback address included) counts as reachable by others: authentication is required
+    /// and the built-in deny of this host's addresses applies.
+    pub fn listens_on_loopback(&self) -> bool {
+        self.bind_address.is_loopback()
+    }
+
     pub fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
     }

@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
+use super::{invalid, Config, ConfigError};
 use crate::secret::Secret;
 
 pub const DEFAULT_STATS_API_ENABLED: bool = false;
@@ -40,6 +41,23 @@ impl Default for SessionsConfig {
 impl SessionsConfig {
     pub fn stats_api_addr(&self) -> SocketAddr {
         SocketAddr::new(self.stats_api_bind_address, self.stats_api_port)
+    }
+}
+
+impl Config {
+    pub(super) fn validate_sessions(&self) -> Result<(), ConfigError> {
+        // An empty token is matched by Basic credentials with an empty password (`user:`), so it
+        // guards nothing; one of only whitespace is a mistake as surely. The message never
+        // quotes the value.
+        if self.sessions.stats_api_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+            return Err(invalid(
+                "sessions.stats_api_token",
+                "is empty (or only whitespace), which guards nothing: Basic credentials with an \
+                 empty password match an empty token. Set a token, or remove the key to serve \
+                 the stats endpoint without one",
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -2,10 +2,12 @@
 
 use std::fmt::Write;
 
-use super::{config_hash, Config, RuleAction, SocksMethod};
+use super::{config_hash, Config, RuleAction, RuleConfig, SocksMethod};
+use crate::logsafe::Escaped;
 
-/// A few aligned lines: listener, pool, users and rules, stats endpoint, what a RustSocks file
-/// had that is accepted but not used. No secret appears, only whether one is set.
+/// A few aligned lines: listener, pool, users, each access rule and what is denied whatever the
+/// rules, stats endpoint, what a RustSocks file had that is accepted but not used. No secret
+/// appears, only whether one is set.
 pub fn summary(config: &Config) -> String {
     let server = &config.server;
     let pool = &server.pool;
@@ -33,18 +35,34 @@ pub fn summary(config: &Config) -> String {
         ),
     };
     line("auth", auth);
-    let networks = if config.access.client_networks.is_empty() {
-        "any client".to_string()
-    } else {
-        format!("{} client network(s)", config.access.client_networks.len())
-    };
-    let default = match config.access.default_action {
-        RuleAction::Allow => "allow",
-        RuleAction::Deny => "deny",
-    };
+    let access = &config.access;
     line(
         "access",
-        format!("{} rule(s), otherwise {default}; {networks}", config.access.rules.len()),
+        format!(
+            "{} rule(s), first match wins, otherwise {}",
+            access.rules.len(),
+            action(access.default_action)
+        ),
+    );
+    for (index, rule) in access.rules.iter().enumerate() {
+        line(&format!("rule {}", index + 1), describe_rule(rule));
+    }
+    line(
+        "client networks",
+        if access.client_networks.is_empty() {
+            "any".to_string()
+        } else {
+            list(&access.client_networks)
+        },
+    );
+    line(
+        "built-in deny",
+        if server.listens_on_loopback() {
+            "unspecified only (listener on loopback)"
+        } else {
+            "loopback, link-local, metadata, own addresses (listener not loopback); unspecified"
+        }
+        .to_string(),
     );
     let pool_text = if pool.enabled {
         format!(
@@ -94,6 +112,35 @@ pub fn summary(config: &Config) -> String {
     out
 }
 
+fn action(action: RuleAction) -> &'static str {
+    match action {
+        RuleAction::Allow => "allow",
+        RuleAction::Deny => "deny",
+    }
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+}
+
+/// `deny networks 127.0.0.0/8, ::1/128; domains example.com; ports 25, 6000-6063`.
+fn describe_rule(rule: &RuleConfig) -> String {
+    let mut text = action(rule.action).to_string();
+    let domains: Vec<String> = rule.domains.iter().map(|d| Escaped(d).to_string()).collect();
+    let criteria = [
+        ("networks", list(&rule.networks)),
+        ("domains", domains.join(", ")),
+        ("ports", list(&rule.ports)),
+    ];
+    let mut first = true;
+    for (name, values) in criteria.iter().filter(|(_, values)| !values.is_empty()) {
+        text.push_str(if first { " " } else { "; " });
+        first = false;
+        let _ = write!(text, "{name} {values}");
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,13 +155,44 @@ mod tests {
         )
         .expect("valid");
         let text = summary(&config);
-        for expected in
-            ["127.0.0.1:1080", "1 user(s)", "0 rule(s)", "on: 4 spares", "token required"]
-        {
+        for expected in [
+            "127.0.0.1:1080",
+            "1 user(s)",
+            "0 rule(s)",
+            "client networks any",
+            "built-in deny   unspecified only (listener on loopback)",
+            "on: 4 spares",
+            "token required",
+        ] {
             assert!(text.contains(expected), "{expected:?} in\n{text}");
         }
         assert!(text.contains("accepted, not used") && text.contains("[acl]"), "{text}");
         assert!(!text.contains("pw-9f") && !text.contains("tok-77"), "{text}");
         assert!(text.lines().count() <= 24, "one screen:\n{text}");
+    }
+
+    #[test]
+    fn each_rule_and_every_client_network_has_its_line() {
+        let config = Config::from_toml(
+            "[server]\nbind_address = \"0.0.0.0\"\nallow_open_proxy = true\n\
+             [access]\ndefault_action = \"deny\"\n\
+             client_networks = [\"10.0.0.0/8\", \"fc00::/7\"]\n\
+             [[access.rules]]\naction = \"deny\"\nnetworks = [\"127.0.0.0/8\", \"::1/128\"]\n\
+             [[access.rules]]\naction = \"allow\"\ndomains = [\"example.com\"]\n\
+             ports = [443, \"8000-8999\"]\n",
+            None,
+        )
+        .expect("valid");
+        let text = summary(&config);
+        for expected in [
+            "access          2 rule(s), first match wins, otherwise deny\n",
+            "rule 1          deny networks 127.0.0.0/8, ::1/128\n",
+            "rule 2          allow domains example.com; ports 443, 8000-8999\n",
+            "client networks 10.0.0.0/8, fc00::/7\n",
+            "built-in deny   loopback, link-local, metadata, own addresses (listener not \
+             loopback); unspecified\n",
+        ] {
+            assert!(text.contains(expected), "{expected:?} in\n{text}");
+        }
     }
 }

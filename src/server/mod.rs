@@ -98,7 +98,15 @@ impl Server {
         resolver: Arc<dyn Resolver>,
         descriptors: Arc<DescriptorBudget>,
     ) -> Result<Self, ServerError> {
-        let access = AccessPolicy::from_config(&config.access).shared();
+        let policy = AccessPolicy::from_config(&config);
+        if let Some(guard) = policy.host_guard() {
+            info!(
+                own_addresses = guard.own_addresses().len(),
+                "listener not on loopback: destinations on loopback, link-local, metadata and \
+                 this host's addresses are denied unless an allow rule names their network"
+            );
+        }
+        let access = policy.shared();
         let telemetry = Telemetry::new(&config.telemetry);
         // Pooled or direct, every dial goes through the access rules.
         let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone(), resolver.clone()));

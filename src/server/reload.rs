@@ -253,7 +253,7 @@ impl Runtime {
         };
 
         // From here on nothing fails. Rules first: the dialer and the pool check them.
-        self.access.store(Arc::new(AccessPolicy::from_config(&new.access)));
+        self.access.store(Arc::new(AccessPolicy::from_config(&new)));
         self.telemetry.reconfigure(&new.telemetry);
         if let (Some(_), Some(pool)) = (&old_pool, &new_pool) {
             // The same pool: new limits by message (and a re-check of idle spares' peers).
