@@ -4,6 +4,7 @@ pub mod access;
 pub mod address_selection;
 pub mod config;
 pub mod descriptors;
+pub mod eyeballs;
 pub mod hosts;
 pub mod logsafe;
 pub mod memory;
