@@ -198,6 +198,8 @@ pub trait Dialer: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct TcpDialer {
     resolver: Arc<dyn Resolver>,
+    /// Never runs out: a harness's second attempts are not budgeted.
+    descriptors: Arc<DescriptorBudget>,
 }
 
 impl TcpDialer {
@@ -206,7 +208,7 @@ impl TcpDialer {
     }
 
     pub fn with_resolver(resolver: Arc<dyn Resolver>) -> Self {
-        TcpDialer { resolver }
+        TcpDialer { resolver, descriptors: DescriptorBudget::unlimited() }
     }
 }
 
@@ -223,8 +225,8 @@ impl Dialer for TcpDialer {
         limits: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         let resolver = self.resolver.clone();
+        let descriptors = self.descriptors.clone();
         Box::pin(async move {
-            let descriptors = DescriptorBudget::unlimited();
             dial(&target, limits, resolver.as_ref(), &AccessPolicy::ALLOW_ALL, &descriptors).await
         })
     }
