@@ -9,8 +9,9 @@
 //! that plain CONNECTs and `/health` need below `max_connections`.
 //!
 //! The share is split in two budgets of their own, so neither kind can starve the other:
-//! half for name lookups (which wait), half for UDP associations and BINDs (refused when it
-//! is spent).
+//! half for names (a lookup's sockets, which wait, and a CONNECT's second attempt in flight
+//! to a name's next address, which is skipped when none is free: see `eyeballs`), half for
+//! UDP associations and BINDs (refused when it is spent).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,11 +51,14 @@ pub struct Budgets {
 }
 
 impl Budgets {
-    /// Splits `extra` descriptors: half for lookups, the rest for associations and BINDs.
+    /// Splits `extra` descriptors: half for names, the rest for associations and BINDs.
     pub fn split(extra: usize) -> Self {
         let lookups = extra / 2;
         Budgets {
-            lookups: DescriptorBudget::new("name lookups (they wait)", lookups),
+            lookups: DescriptorBudget::new(
+                "name lookups (they wait) and second connect attempts (skipped)",
+                lookups,
+            ),
             sessions: DescriptorBudget::new(
                 "UDP associations and BINDs (new ones get 0x01)",
                 extra - lookups,

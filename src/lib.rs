@@ -1,8 +1,11 @@
 //! poolsocks: a SOCKS5 proxy daemon whose upstream connection pool is a set of actors.
 
 pub mod access;
+pub mod address_selection;
 pub mod config;
 pub mod descriptors;
+pub mod eyeballs;
+pub mod hosts;
 pub mod logsafe;
 pub mod memory;
 pub mod pool;

@@ -8,18 +8,25 @@
 //! the sessions that asked), each lookup is bounded by `[server.dns] timeout_ms`, and answers
 //! are cached for their TTL (at most `cache_max_ttl_secs`), so a burst to one name asks once.
 //!
+//! Names follow the system: a name the hosts file lists resolves to exactly its entries there
+//! (see `hosts`); the others' answers are ordered as the system's resolver orders them (see
+//! `address_selection`), so the first address is the one a local client would use.
+//!
 //! Tests and harnesses inject a [`StaticResolver`]: no test asks the machine's DNS server.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 
+use crate::address_selection;
 use crate::config::DnsConfig;
 use crate::descriptors::{self, DescriptorBudget};
+use crate::hosts::{HostsFile, SYSTEM_HOSTS};
 use crate::logsafe::Escaped;
 use crate::upstream::BoxFuture;
 
@@ -55,10 +62,12 @@ pub fn literal(host: &str) -> Option<IpAddr> {
         .ok()
 }
 
-/// The daemon's resolver: hickory over the system's name servers (or `[server.dns] servers`),
-/// `/etc/hosts` first (so `localhost` never leaves the machine), each lookup bounded.
+/// The daemon's resolver: `/etc/hosts` first (read by `hosts`, not by hickory), then hickory
+/// over the system's name servers (or `[server.dns] servers`), each lookup bounded, its answer
+/// in the order `address_selection` gives.
 pub struct DnsResolver {
     inner: hickory_resolver::Resolver<TokioRuntimeProvider>,
+    hosts: Arc<HostsFile>,
     timeout: Duration,
     /// Each lookup takes its sockets from it first (see `descriptors`).
     descriptors: Arc<DescriptorBudget>,
@@ -93,13 +102,15 @@ impl DnsResolver {
         let options = builder.options_mut();
         options.timeout = config.timeout();
         options.attempts = 1;
-        options.use_hosts_file = ResolveHosts::Always;
+        // `hosts` reads the file: hickory's reading mixes it with DNS answers per family.
+        options.use_hosts_file = ResolveHosts::Never;
         options.cache_size = 1024;
         options.positive_max_ttl = Some(config.cache_max_ttl());
         options.negative_max_ttl = Some(config.cache_max_ttl().min(NEGATIVE_TTL_CAP));
         let inner = builder.build().map_err(|e| failed(e.to_string()))?;
         Ok(DnsResolver {
             inner,
+            hosts: Arc::new(HostsFile::new(SYSTEM_HOSTS)),
             timeout: config.timeout(),
             descriptors: DescriptorBudget::unlimited(),
         })
@@ -109,6 +120,12 @@ impl DnsResolver {
     /// when it is spent.
     pub fn with_descriptors(mut self, descriptors: Arc<DescriptorBudget>) -> Self {
         self.descriptors = descriptors;
+        self
+    }
+
+    /// Reads names from the hosts file at `path` instead of `/etc/hosts` (tests).
+    pub fn with_hosts_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.hosts = Arc::new(HostsFile::new(path));
         self
     }
 }
@@ -127,24 +144,26 @@ impl Resolver for DnsResolver {
             return Box::pin(async move { Ok(vec![SocketAddr::new(ip, port)]) });
         }
         let inner = self.inner.clone();
+        let hosts = self.hosts.clone();
         let timeout = self.timeout;
         let descriptors = self.descriptors.clone();
         Box::pin(async move {
+            if let Some(listed) = hosts.lookup(&host) {
+                return Ok(listed.into_iter().map(|ip| SocketAddr::new(ip, port)).collect());
+            }
             let lookup = async {
                 let _sockets = descriptors.take(descriptors::LOOKUP).await;
-                inner.lookup_ip(host.as_str()).await
+                let found = inner.lookup_ip(host.as_str()).await?;
+                let mut addrs: Vec<SocketAddr> =
+                    found.iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                // The probes' sockets come under the lookup's descriptors, one at a time.
+                address_selection::sort(&mut addrs);
+                Ok::<_, hickory_resolver::net::NetError>(addrs)
             };
             match tokio::time::timeout(timeout, lookup).await {
                 Err(_) => Err(ResolveError::Timeout { host, timeout }),
-                Ok(Ok(found)) => {
-                    let addrs: Vec<SocketAddr> =
-                        found.iter().map(|ip| SocketAddr::new(ip, port)).collect();
-                    if addrs.is_empty() {
-                        Err(ResolveError::NotFound { host })
-                    } else {
-                        Ok(addrs)
-                    }
-                }
+                Ok(Ok(addrs)) if addrs.is_empty() => Err(ResolveError::NotFound { host }),
+                Ok(Ok(addrs)) => Ok(addrs),
                 Ok(Err(e)) if e.is_no_records_found() => Err(ResolveError::NotFound { host }),
                 Ok(Err(e)) => Err(ResolveError::Failed { host, message: e.to_string() }),
             }

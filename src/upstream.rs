@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::access::{AccessPolicy, SharedPolicy};
+use crate::descriptors::DescriptorBudget;
+use crate::eyeballs;
 use crate::resolve::{ResolveError, Resolver, StaticResolver};
 use crate::socks::{ReplyCode, TargetAddr};
 
@@ -72,8 +74,13 @@ impl DialLimits {
     }
 }
 
-/// Resolves `target` (if it is a name) and tries each address `access` allows in turn, each
-/// under `limits.per_address` and all within `limits.overall`. The last failure is reported.
+/// Resolves `target` (if it is a name) and connects to an address `access` allows, each
+/// attempt under `limits.per_address` and all within `limits.overall` (then `PhaseTimeout`).
+/// One address is one attempt. Several are raced, Happy Eyeballs style (see `eyeballs`): the
+/// next starts when the last has not connected within `eyeballs::ATTEMPT_DELAY` or has
+/// failed, the first to connect wins, the others are closed; a second attempt in flight takes
+/// a descriptor from `descriptors`, and without one the attempts go one after another. When
+/// all fail the last failure is reported; when the rules allow none, `NotAllowed`.
 ///
 /// Rules judge where a connection really goes: on each resolved address, with the addresses the
 /// kernel would reroute (`0.0.0.0` and `::`, delivered to loopback) refused outright, so the
@@ -84,6 +91,7 @@ pub async fn dial(
     limits: DialLimits,
     resolver: &dyn Resolver,
     access: &AccessPolicy,
+    descriptors: &DescriptorBudget,
 ) -> Result<TcpStream, ConnectError> {
     let deadline = Instant::now() + limits.overall;
     let phase_timeout =
@@ -101,29 +109,42 @@ pub async fn dial(
             &looked_up
         }
     };
-    let mut last_error = None;
-    let mut any_allowed = false;
-    for &addr in resolved.iter().filter(|addr| access.may_connect(target, addr.ip())) {
-        any_allowed = true;
+    // The peer of a connection made to an address is that address: the kernel reroutes only
+    // the unspecified addresses, which the rules refuse before any connect. So the rules
+    // judge each connection's real peer here. (One policy snapshot serves the whole dial, so
+    // judging all addresses up front is judging each just before its attempt.)
+    let mut allowed = resolved.iter().copied().filter(|addr| access.may_connect(target, addr.ip()));
+    let Some(first) = allowed.next() else {
+        return Err(if resolved.is_empty() {
+            ConnectError::NoAddress { host: target.to_string() }
+        } else {
+            ConnectError::NotAllowed(target.clone())
+        });
+    };
+    let Some(second) = allowed.next() else {
+        // One address (every literal): one attempt, no list, no timer.
         let now = Instant::now();
         if now >= deadline {
             return Err(phase_timeout());
         }
         let timeout = limits.per_address.min(deadline - now);
-        match tokio::time::timeout(timeout, connect(addr)).await {
-            // The peer of a connection made to `addr` is `addr`: the kernel reroutes only the
-            // unspecified addresses, which the rules refuse before any connect. So the rules
-            // judged this connection's real peer above.
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(source)) => last_error = Some(ConnectError::Io { addr, source }),
-            Err(_) if timeout < limits.per_address => return Err(phase_timeout()),
-            Err(_) => last_error = Some(ConnectError::Timeout { addr, timeout }),
+        return match tokio::time::timeout(timeout, connect(first)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(source)) => Err(ConnectError::Io { addr: first, source }),
+            Err(_) if timeout < limits.per_address => Err(phase_timeout()),
+            Err(_) => Err(ConnectError::Timeout { addr: first, timeout }),
+        };
+    };
+    let candidates: Vec<SocketAddr> = [first, second].into_iter().chain(allowed).collect();
+    let ordered = eyeballs::interleave(&candidates);
+    let racing = eyeballs::race(&ordered, limits.per_address, descriptors, connect);
+    match tokio::time::timeout_at(deadline, racing).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(last)) => {
+            Err(last.unwrap_or_else(|| ConnectError::NoAddress { host: target.to_string() }))
         }
+        Err(_) => Err(phase_timeout()),
     }
-    if !any_allowed && !resolved.is_empty() {
-        return Err(ConnectError::NotAllowed(target.clone()));
-    }
-    Err(last_error.unwrap_or_else(|| ConnectError::NoAddress { host: target.to_string() }))
 }
 
 /// Connects to `addr` with `TCP_NODELAY` set (request/response traffic must not wait on Nagle
@@ -177,6 +198,8 @@ pub trait Dialer: Send + Sync + 'static {
 #[derive(Clone)]
 pub struct TcpDialer {
     resolver: Arc<dyn Resolver>,
+    /// Never runs out: a harness's second attempts are not budgeted.
+    descriptors: Arc<DescriptorBudget>,
 }
 
 impl TcpDialer {
@@ -185,7 +208,7 @@ impl TcpDialer {
     }
 
     pub fn with_resolver(resolver: Arc<dyn Resolver>) -> Self {
-        TcpDialer { resolver }
+        TcpDialer { resolver, descriptors: DescriptorBudget::unlimited() }
     }
 }
 
@@ -202,9 +225,10 @@ impl Dialer for TcpDialer {
         limits: DialLimits,
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         let resolver = self.resolver.clone();
-        Box::pin(
-            async move { dial(&target, limits, resolver.as_ref(), &AccessPolicy::ALLOW_ALL).await },
-        )
+        let descriptors = self.descriptors.clone();
+        Box::pin(async move {
+            dial(&target, limits, resolver.as_ref(), &AccessPolicy::ALLOW_ALL, &descriptors).await
+        })
     }
 }
 
@@ -214,11 +238,19 @@ impl Dialer for TcpDialer {
 pub struct PolicyDialer {
     access: SharedPolicy,
     resolver: Arc<dyn Resolver>,
+    /// Where a name's second attempt in flight takes its descriptor (see `eyeballs`).
+    descriptors: Arc<DescriptorBudget>,
 }
 
 impl PolicyDialer {
     pub fn new(access: SharedPolicy, resolver: Arc<dyn Resolver>) -> Self {
-        PolicyDialer { access, resolver }
+        PolicyDialer { access, resolver, descriptors: DescriptorBudget::unlimited() }
+    }
+
+    /// A second connect attempt in flight takes its descriptor from `descriptors`.
+    pub fn with_descriptors(mut self, descriptors: Arc<DescriptorBudget>) -> Self {
+        self.descriptors = descriptors;
+        self
     }
 }
 
@@ -230,9 +262,10 @@ impl Dialer for PolicyDialer {
     ) -> BoxFuture<'static, Result<TcpStream, ConnectError>> {
         let access = self.access.clone();
         let resolver = self.resolver.clone();
+        let descriptors = self.descriptors.clone();
         Box::pin(async move {
             let policy = access.load_full();
-            dial(&target, limits, resolver.as_ref(), &policy).await
+            dial(&target, limits, resolver.as_ref(), &policy, &descriptors).await
         })
     }
 

@@ -289,3 +289,107 @@ async fn upstream_half_close_lets_the_client_keep_sending() {
     assert_eq!(got_rx.await.expect("upstream got data"), b"still talking");
     proxy.stop().await;
 }
+
+/// A name whose first address silently drops SYNs (an nftables rule in a namespace of the
+/// test's own) and whose second has a live server: the CONNECT succeeds through the second
+/// after the attempt delay, not after the 30 s per-address timeout, and the attempt still
+/// waiting on the first is closed (no SYN-SENT socket is left).
+#[test]
+fn a_name_whose_first_address_drops_syns_connects_through_the_next_at_once() {
+    happy_eyeballs_through("he4", "127.0.0.2", "127.0.0.3");
+}
+
+/// The same across families: `::1` drops SYNs, 127.0.0.1 answers.
+#[test]
+fn a_name_whose_ipv6_address_drops_syns_connects_over_ipv4() {
+    happy_eyeballs_through("he6", "::1", "127.0.0.1");
+}
+
+fn happy_eyeballs_through(tag: &str, dropping: &str, live: &str) {
+    use common::netns::LoopbackNs;
+    use std::net::IpAddr;
+    use std::time::{Duration, Instant};
+    // Far below the per-address timeout (30 s): the CONNECT must not wait for it.
+    const TEST_DEADLINE: Duration = Duration::from_secs(10);
+    if !common::real::available("nft", "nftables") || !common::real::available("ss", "iproute2") {
+        return;
+    }
+    let ns = match LoopbackNs::create(tag) {
+        Ok(ns) => ns,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "no network namespace: {e}");
+            eprintln!("SKIPPED: no network namespace ({e})");
+            return;
+        }
+    };
+    let dropping: IpAddr = dropping.parse().expect("ip");
+    let live: IpAddr = live.parse().expect("ip");
+    let name = ns.name.clone();
+    let inside = move |program: &str, args: &[&str]| -> String {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &name, program])
+            .args(args)
+            .output()
+            .expect("run in the namespace");
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ns.run(move || async move {
+        let server =
+            TcpListener::bind(SocketAddr::new(live, 0)).await.expect("bind the live server");
+        let port = server.local_addr().expect("addr").port();
+        let family = if dropping.is_ipv4() { "ip" } else { "ip6" };
+        inside("nft", &["add", "table", "inet", "t"]);
+        inside(
+            "nft",
+            &["add", "chain", "inet", "t", "in", "{ type filter hook input priority 0; }"],
+        );
+        let rule = format!("{family} daddr {dropping} tcp dport {port} counter drop");
+        let rule: Vec<&str> = rule.split(' ').collect();
+        inside("nft", &[&["add", "rule", "inet", "t", "in"][..], &rule].concat());
+
+        let mut config = test_config();
+        config.server.pool.enabled = false;
+        config.server.pool.connect_timeout_ms = 30_000;
+        config.server.connect_phase_timeout_ms = 60_000;
+        let resolver = StaticResolver::new().with("eyeballs.test", [dropping, live]);
+        let proxy = TestProxy::start_with_resolver(config, resolver).await;
+        let started = Instant::now();
+        let target = TargetAddr::Domain("eyeballs.test".into(), port);
+        let (mut stream, reply) = tokio::time::timeout(TEST_DEADLINE, connect(proxy.addr, target))
+            .await
+            .expect("the CONNECT was answered long before the per-address timeout");
+        let took = started.elapsed();
+        assert_eq!(reply.code, ReplyCode::Succeeded);
+        let (mut accepted, _) = server.accept().await.expect("the live server accepted");
+        eprintln!("CONNECT through a SYN-dropping first address took {took:?}");
+        // The first attempt reached the dropping address and was dropped there...
+        let counted = inside("nft", &["list", "chain", "inet", "t", "in"]);
+        let packets: u64 = counted
+            .split("packets ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .expect("the rule's counter");
+        assert!(packets >= 1, "no SYN reached {dropping}: {counted}");
+        // ...and its socket was closed before the reply was sent.
+        let waiting = inside("ss", &["-Htn", "state", "syn-sent"]);
+        assert!(waiting.trim().is_empty(), "a connect attempt lingers: {waiting}");
+
+        assert_eq!(round_trip_through(&mut stream, &mut accepted).await, b"ping");
+        drop(stream);
+        proxy.stop().await;
+    });
+}
+
+/// Sends "ping" from the client to the server end of a relayed connection.
+async fn round_trip_through(client: &mut TcpStream, server: &mut TcpStream) -> Vec<u8> {
+    client.write_all(b"ping").await.expect("write");
+    let mut got = [0u8; 4];
+    server.read_exact(&mut got).await.expect("read");
+    got.to_vec()
+}

@@ -2,7 +2,8 @@
 //! reply field, pinning and foreign sources, fragments and malformed headers, the largest
 //! payloads, names resolved once per association, access rules on every datagram, the reply
 //! filter, the association's lifetime (control connection, idle timeout) and its
-//! `max_connections` slot. No name here reaches a real DNS server: a static resolver answers.
+//! `max_connections` slot, names from a hosts file and by route. No name here reaches a real
+//! DNS server: a static resolver answers, or the daemon's own resolver asks the tests' server.
 
 mod common;
 
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use common::udp::{datagram, eventually, raw_request, Association, CountingResolver, UdpEcho};
 use common::{serve_once_admitted, test_config, EchoServer, TestProxy};
-use poolsocks::config::{Config, UdpReplyFilter};
-use poolsocks::resolve::{Resolver, StaticResolver};
+use poolsocks::config::{Config, DnsConfig, UdpReplyFilter};
+use poolsocks::resolve::{DnsResolver, Resolver, StaticResolver};
 use poolsocks::server::metrics::ServerMetrics;
 use poolsocks::server::Server;
 use poolsocks::socks::{Command, TargetAddr};
@@ -446,4 +447,99 @@ async fn commands_turned_off_get_0x07() {
         (0, 0)
     );
     rig.proxy.stop().await;
+}
+
+/// The daemon's own resolver, reading a hosts file of the test's and asking a DNS server of the
+/// test's (nothing leaves the machine).
+async fn dns_resolver(hosts: &std::path::Path, dns: &common::dns::TestDns) -> DnsResolver {
+    let config = DnsConfig { servers: vec![dns.addr], ..DnsConfig::default() };
+    DnsResolver::from_config(&config).expect("resolver").with_hosts_file(hosts)
+}
+
+/// A name the hosts file lists resolves to exactly its entries there, both families, in the
+/// file's order, without a DNS query (`localhost` gains no `::1` the file does not give it);
+/// other names go to the name servers; an edited file counts from the next lookup.
+#[tokio::test]
+async fn a_name_in_the_hosts_file_resolves_to_exactly_its_entries_there() {
+    let dns =
+        common::dns::TestDns::start(&[("dns-only.test", "127.0.0.3".parse().expect("ip"))]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.1 localhost\n127.0.0.2 multi.test\n::1 multi.test Alias.Test\n127.0.0.1 multi.test\n",
+    )
+    .expect("write hosts");
+    let resolver = dns_resolver(&hosts, &dns).await;
+    let at = |list: &[&str]| -> Vec<SocketAddr> {
+        list.iter().map(|ip| SocketAddr::new(ip.parse().expect("ip"), 7)).collect()
+    };
+    assert_eq!(resolver.lookup("localhost", 7).await.expect("localhost"), at(&["127.0.0.1"]));
+    assert_eq!(
+        resolver.lookup("MULTI.test.", 7).await.expect("multi"),
+        at(&["127.0.0.2", "::1", "127.0.0.1"])
+    );
+    assert_eq!(resolver.lookup("alias.test", 7).await.expect("alias"), at(&["::1"]));
+    assert_eq!(dns.queries.load(Ordering::SeqCst), 0, "the hosts file answered alone");
+    assert_eq!(resolver.lookup("dns-only.test", 7).await.expect("dns"), at(&["127.0.0.3"]));
+    assert!(dns.queries.load(Ordering::SeqCst) > 0, "a name the file lacks went to DNS");
+
+    let edited = dir.path().join("hosts.new");
+    std::fs::write(&edited, "::1 localhost\n127.0.0.1 localhost\n").expect("write hosts");
+    std::fs::rename(&edited, &hosts).expect("replace hosts");
+    assert_eq!(resolver.lookup("localhost", 7).await.expect("edited"), at(&["::1", "127.0.0.1"]));
+}
+
+/// A datagram to `localhost` goes where the hosts file says (127.0.0.1 only), so it reaches an
+/// IPv4-only service: the resolver adds no `::1` of its own, which would swallow it.
+#[tokio::test]
+async fn a_datagram_to_localhost_goes_where_the_hosts_file_says() {
+    let dns = common::dns::TestDns::start(&[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").expect("write hosts");
+    let resolver = dns_resolver(&hosts, &dns).await;
+    let rig = rig(test_config(), Arc::new(resolver)).await;
+    let mut echo = UdpEcho::start().await;
+    let association = Association::open(rig.proxy.addr).await;
+    let name = TargetAddr::Domain("localhost".into(), echo.addr.port());
+    assert_eq!(association.round_trip(name, b"v4 only", echo.addr).await, b"v4 only");
+    assert_eq!(echo.next().await.1, b"v4 only");
+    assert_eq!(dns.queries.load(Ordering::SeqCst), 0);
+    association.close().await;
+    rig.proxy.stop().await;
+}
+
+/// In a namespace with nothing but loopback, a name's first address in each answer has no
+/// route: datagrams go to its first address that has one (the other family), every time.
+#[test]
+fn a_datagram_to_a_name_goes_to_its_first_address_with_a_route() {
+    let ns = match common::netns::LoopbackNs::create("udpr") {
+        Ok(ns) => ns,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "no network namespace: {e}");
+            eprintln!("SKIPPED: no network namespace ({e})");
+            return;
+        }
+    };
+    ns.run(|| async {
+        let resolver = StaticResolver::new()
+            .with("six-first.test", [ip("2001:db8::1"), ip("127.0.0.1")])
+            .with("four-first.test", [ip("192.0.2.1"), ip("::1")]);
+        let rig = rig(test_config(), resolver.into_arc()).await;
+        let mut echo_v4 = UdpEcho::start().await;
+        let mut echo_v6 = UdpEcho::start_on("[::1]:0".parse().expect("addr")).await;
+        let association = Association::open(rig.proxy.addr).await;
+        for round in 0..3u8 {
+            let six_first = TargetAddr::Domain("six-first.test".into(), echo_v4.addr.port());
+            assert_eq!(association.round_trip(six_first, &[round], echo_v4.addr).await, [round]);
+            assert_eq!(echo_v4.next().await.1, [round]);
+            let four_first = TargetAddr::Domain("four-first.test".into(), echo_v6.addr.port());
+            assert_eq!(association.round_trip(four_first, &[round], echo_v6.addr).await, [round]);
+            assert_eq!(echo_v6.next().await.1, [round]);
+        }
+        assert_eq!(rig.metrics.snapshot().udp.dropped.send_error, 0);
+        association.close().await;
+        rig.proxy.stop().await;
+    });
 }

@@ -80,8 +80,8 @@ impl Server {
     pub async fn build(config: Config) -> Result<Self, ServerError> {
         let budgets = Budgets::split(fd_limit::extra_descriptors(&config));
         let resolver =
-            DnsResolver::from_config(&config.server.dns)?.with_descriptors(budgets.lookups);
-        Self::build_with(config, Arc::new(resolver), budgets.sessions).await
+            DnsResolver::from_config(&config.server.dns)?.with_descriptors(budgets.lookups.clone());
+        Self::build_with(config, Arc::new(resolver), budgets).await
     }
 
     /// Like [`Server::build`], with names resolved by `resolver` (tests inject a static one).
@@ -90,13 +90,13 @@ impl Server {
         resolver: Arc<dyn Resolver>,
     ) -> Result<Self, ServerError> {
         let budgets = Budgets::split(fd_limit::extra_descriptors(&config));
-        Self::build_with(config, resolver, budgets.sessions).await
+        Self::build_with(config, resolver, budgets).await
     }
 
     async fn build_with(
         config: Config,
         resolver: Arc<dyn Resolver>,
-        descriptors: Arc<DescriptorBudget>,
+        budgets: Budgets,
     ) -> Result<Self, ServerError> {
         let policy = AccessPolicy::from_config(&config);
         if let Some(guard) = policy.host_guard() {
@@ -108,8 +108,12 @@ impl Server {
         }
         let access = policy.shared();
         let telemetry = Telemetry::new(&config.telemetry);
-        // Pooled or direct, every dial goes through the access rules.
-        let dialer: Arc<dyn Dialer> = Arc::new(PolicyDialer::new(access.clone(), resolver.clone()));
+        // Pooled or direct, every dial goes through the access rules. A name's second
+        // connect attempt shares the lookups' budget: both are a name's extra sockets.
+        let dialer: Arc<dyn Dialer> = Arc::new(
+            PolicyDialer::new(access.clone(), resolver.clone()).with_descriptors(budgets.lookups),
+        );
+        let descriptors = budgets.sessions;
         let options = PoolOptions::from_server_config(&config.server);
         let (connector, pool): (Arc<dyn Connector>, _) = if config.server.pool.enabled {
             let pool = Pool::spawn(options, dialer.clone(), telemetry.clone()).await?;

@@ -93,3 +93,76 @@ impl Drop for NetNs {
         let _ = ip(&["netns", "del", &self.name]);
     }
 }
+
+/// A namespace with nothing but its loopback (127.0.0.0/8 and `::1`): no route leaves it. A
+/// test runs its proxy, destinations and clients inside (`run`), where `nft` rules and `ss`
+/// see only the test's own sockets. Removed on drop. Needs root and iproute2.
+pub struct LoopbackNs {
+    pub name: String,
+}
+
+impl LoopbackNs {
+    /// `Err` says why it could not be set up (not root, no iproute2...).
+    pub fn create(tag: &str) -> Result<LoopbackNs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root".into());
+        }
+        let name = format!("ps-{tag}-{}", std::process::id());
+        // Leftovers of a crashed run with the same pid would make the add fail.
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = LoopbackNs { name };
+        ip(&["netns", "exec", &ns.name, "ip", "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `program args` inside and returns its stdout; `Err` on failure, with its stderr.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, program])
+            .args(args)
+            .output()
+            .map_err(|e| format!("{program}: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "{program} {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// Runs `test` on a thread of its own inside the namespace, on a runtime of its own: every
+    /// socket it opens (and every thread it starts) is inside. A panic in it is this panic.
+    pub fn run<F>(&self, test: impl FnOnce() -> F + Send + 'static)
+    where
+        F: std::future::Future<Output = ()>,
+    {
+        let path = format!("/run/netns/{}", self.name);
+        let thread = std::thread::spawn(move || {
+            use std::os::fd::AsRawFd;
+            let namespace = std::fs::File::open(&path).expect("open the namespace");
+            // SAFETY: a valid namespace descriptor; setns changes this thread's namespace only.
+            let entered = unsafe { libc::setns(namespace.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0, "setns: {}", std::io::Error::last_os_error());
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(test());
+        });
+        if let Err(panic) = thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+impl Drop for LoopbackNs {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}

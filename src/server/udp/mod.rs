@@ -14,8 +14,10 @@
 //!   does not parse is `malformed`, FRAG other than 0 is `fragment`, a payload over 65,507
 //!   bytes is `too_large`.
 //! - destinations: names are resolved through the server's [`Resolver`] with a small cache per
-//!   association; the access rules judge the name before DNS and the address after, for every
-//!   datagram, exactly as for CONNECT (`denied`, `unresolvable`).
+//!   association; the first of a name's addresses that has a route leads while the answer is
+//!   cached (`names::routed_first`: a datagram has no fallback, unlike a CONNECT's dial); the
+//!   access rules judge the name before DNS and the address after, for every datagram, exactly
+//!   as for CONNECT (`denied`, `unresolvable`).
 //! - replies: a datagram at an outbound socket reaches the client wrapped in a header naming
 //!   its sender, by default only when the association sent to that address and port before
 //!   (`udp_reply_filter`), else it is `foreign_source`.
@@ -42,6 +44,7 @@ use tracing::{debug, info, warn};
 use super::cut::SessionCut;
 use super::handler::{HandlerContext, CATEGORY_ACCESS};
 use super::metrics::DropReason;
+use crate::address_selection;
 use crate::config::UdpReplyFilter;
 use crate::descriptors;
 use crate::socks::{
@@ -511,7 +514,12 @@ impl Association<'_> {
     fn resolved(&mut self, resolved: Resolved) {
         let Resolved { key, result, waiting } = resolved;
         let addresses = match result {
-            Ok(addresses) if !addresses.is_empty() => Some(addresses),
+            Ok(mut addresses) if !addresses.is_empty() => {
+                // Every lookup has the datagram that started it waiting.
+                let port = waiting.first().map_or(0, |datagram| datagram.port);
+                names::routed_first(&mut addresses, port, address_selection::has_route);
+                Some(addresses)
+            }
             Ok(_) => None,
             Err(e) => {
                 debug!(error = %e, "UDP destination name does not resolve");

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::address_selection::MAX_SORTED;
 use crate::resolve::{ResolveError, Resolver};
 use crate::upstream::BoxFuture;
 
@@ -23,6 +24,24 @@ pub const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 pub const MAX_LOOKUPS: usize = 4;
 /// Payload bytes held for names being resolved, per association (one largest datagram).
 pub const MAX_WAITING_BYTES: usize = 64 * 1024;
+
+/// Puts the first of `addresses` that has a route (`has_route`, asked at `port`) first, and
+/// those before it, which have none, last: an association sends to a name's first address
+/// the access rules allow, and a resolver's order (a hosts file's, or an injected one's) may
+/// lead with a family this host cannot reach, where datagrams would vanish. The order holds
+/// while the answer is cached, so a name's datagrams keep one destination. Only the first
+/// `MAX_SORTED` addresses are probed; with no route to any the order stays (the sends fail
+/// and are counted).
+pub fn routed_first(
+    addresses: &mut [IpAddr],
+    port: u16,
+    mut has_route: impl FnMut(SocketAddr) -> bool,
+) {
+    let probed = addresses.len().min(MAX_SORTED);
+    if let Some(first) = (0..probed).find(|&i| has_route(SocketAddr::new(addresses[i], port))) {
+        addresses.rotate_left(first);
+    }
+}
 
 /// The cache key of a name: lower case, without a trailing dot.
 pub fn key(name: &str) -> String {
@@ -173,6 +192,26 @@ mod tests {
             cache.insert(format!("n{i}.example"), None, now);
         }
         assert_eq!(cache.entries.len(), CACHE_ENTRIES);
+    }
+
+    #[test]
+    fn the_first_routed_address_leads_and_the_unrouted_go_last() {
+        let ips = |list: &[&str]| -> Vec<IpAddr> {
+            list.iter().map(|ip| ip.parse().expect("ip")).collect()
+        };
+        let routed_v4 = |addr: SocketAddr| addr.is_ipv4();
+        let mut answer = ips(&["2001:db8::1", "2001:db8::2", "192.0.2.1", "2001:db8::3"]);
+        let mut asked = Vec::new();
+        routed_first(&mut answer, 53, |addr| {
+            asked.push(addr);
+            routed_v4(addr)
+        });
+        assert_eq!(answer, ips(&["192.0.2.1", "2001:db8::3", "2001:db8::1", "2001:db8::2"]));
+        assert_eq!(asked.len(), 3, "probes stop at the first routed address");
+        assert_eq!(asked[0].port(), 53);
+        let mut nowhere = ips(&["2001:db8::1", "2001:db8::2"]);
+        routed_first(&mut nowhere, 53, routed_v4);
+        assert_eq!(nowhere, ips(&["2001:db8::1", "2001:db8::2"]), "no route: the order stays");
     }
 
     #[tokio::test]
