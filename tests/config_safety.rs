@@ -8,20 +8,11 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use common::daemon::Daemon;
+use common::http_get;
 use poolsocks::socks::{ReplyCode, METHOD_NO_ACCEPTABLE, METHOD_NO_AUTH};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const STATS: &str = "[sessions]\nstats_api_enabled = true\nstats_api_port = 0\n";
-
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect stats");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("response");
-    String::from_utf8_lossy(&response).into_owned()
-}
 
 async fn serves(proxy: SocketAddr, echo: SocketAddr) -> bool {
     let (mut stream, reply) = common::connect(proxy, echo.into()).await;

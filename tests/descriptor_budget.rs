@@ -51,15 +51,6 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |dir| dir.count())
 }
 
-async fn health(stats: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(stats).await.expect("connect stats");
-    let request = "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("response");
-    String::from_utf8_lossy(&response).into_owned()
-}
-
 /// Ten CONNECTs by address at once, each echoing a byte, and `/health`: what everyone else
 /// needs while one client holds the rest of `max_connections`.
 async fn everyone_else_is_served(proxy: SocketAddr, echo: SocketAddr, stats: SocketAddr) {
@@ -76,7 +67,10 @@ async fn serve_ten_and_health(proxy: SocketAddr, echo: SocketAddr, stats: Socket
         assert_eq!(common::round_trip(&mut stream, &[i]).await, [i]);
         held.push(stream);
     }
-    assert!(health(stats).await.starts_with("HTTP/1.1 200"), "/health answers");
+    assert!(
+        common::http_get(stats, "/health").await.starts_with("HTTP/1.1 200"),
+        "/health answers"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, EVENT_DEADLINE};
+use common::http_get;
 use poolsocks::socks::{ReplyCode, TargetAddr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,16 +22,6 @@ fn reload(daemon: &mut Daemon, config: &str, answer: &str) -> String {
     daemon.write_config(config);
     daemon.signal(libc::SIGHUP);
     daemon.await_log(answer)
-}
-
-/// A plain HTTP/1.1 GET; the whole response as text.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("connect stats");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.expect("response");
-    String::from_utf8_lossy(&response).into_owned()
 }
 
 /// `/api/pool/stats` once it shows what `done` waits for (the endpoint shares one answer of

@@ -348,3 +348,13 @@ pub async fn serve_once_admitted(proxy: SocketAddr, upstream: SocketAddr) -> boo
     }
     false
 }
+
+/// A plain HTTP/1.1 GET (`Connection: close`); the whole response as text.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect stats");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.expect("response");
+    String::from_utf8_lossy(&response).into_owned()
+}
