@@ -53,3 +53,28 @@ pub fn give_back_free_memory() {
         }
     }
 }
+
+/// Entries below which a table's capacity is left alone: a few pages at most.
+const SHRINK_FLOOR: usize = 1024;
+
+/// Whether a table that has emptied is worth shrinking: it has room for four times what it
+/// holds, and for more than [`SHRINK_FLOOR`] entries. Tables keep their capacity when entries
+/// leave, so every per-destination table would otherwise stay at its largest (10,000
+/// destinations: about 1 MiB each) after pruning; shrinking only once it is a quarter full
+/// keeps the cost of the rehash amortized over the removals that made it so.
+pub fn oversized(len: usize, capacity: usize) -> bool {
+    capacity > SHRINK_FLOOR && capacity / 4 > len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_large_tables_a_quarter_full_are_shrunk() {
+        assert!(!oversized(0, SHRINK_FLOOR), "small tables keep their room");
+        assert!(oversized(0, 4 * SHRINK_FLOOR));
+        assert!(oversized(SHRINK_FLOOR - 1, 4 * SHRINK_FLOOR));
+        assert!(!oversized(SHRINK_FLOOR, 4 * SHRINK_FLOOR), "a quarter full is not yet");
+    }
+}

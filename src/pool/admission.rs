@@ -82,7 +82,9 @@ impl Doorkeeper {
         self.seen.is_empty()
     }
 
-    fn expire(&mut self, now: Instant) {
+    /// Forgets the sightings older than the window. Also done by every `admit`; the Directory
+    /// calls it on each sweep too, so sightings do not outlive a burst that stopped.
+    pub fn expire(&mut self, now: Instant) {
         while let Some(&(key, at)) = self.order.front() {
             if now.saturating_duration_since(at) < self.window {
                 break;
@@ -97,6 +99,12 @@ impl Doorkeeper {
         if self.order.len() > 2 * self.capacity {
             let seen = &self.seen;
             self.order.retain(|(key, at)| seen.get(key) == Some(at));
+        }
+        if crate::memory::oversized(self.seen.len(), self.seen.capacity()) {
+            self.seen.shrink_to_fit();
+        }
+        if crate::memory::oversized(self.order.len(), self.order.capacity()) {
+            self.order.shrink_to_fit();
         }
     }
 }
@@ -119,6 +127,19 @@ mod tests {
         assert!(door.is_empty());
         assert!(!door.admit(&target(2), now));
         assert!(!door.admit(&target(2), now + Duration::from_secs(90)), "too late: first again");
+    }
+
+    #[test]
+    fn expired_sightings_give_their_room_back() {
+        let mut door = Doorkeeper::new(Duration::from_secs(90), 10_000);
+        let now = Instant::now();
+        for n in 0..10_000u32 {
+            door.admit(&TargetAddr::Domain(format!("n{n}.example"), 80), now);
+        }
+        assert!(door.seen.capacity() >= 10_000);
+        door.expire(now + Duration::from_secs(90));
+        assert!(door.is_empty());
+        assert!(door.seen.capacity() < 10_000 && door.order.capacity() < 10_000);
     }
 
     #[test]

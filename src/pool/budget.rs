@@ -362,6 +362,10 @@ impl BudgetState {
         }
         self.waiters.retain(|(o, _)| o.get_id() != owner);
         self.rates.remove(&owner);
+        // One entry per destination that ever reserved: shrunk once many were pruned.
+        if crate::memory::oversized(self.rates.len(), self.rates.capacity()) {
+            self.rates.shrink_to_fit();
+        }
         self.grant_waiters();
     }
 

@@ -15,7 +15,7 @@
 //! - a failed GlobalBudget takes all PoolManagers with it (their spares hold its slots), then
 //!   everything starts afresh; a failed Janitor is simply restarted.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -46,8 +46,10 @@ pub struct Directory;
 /// to find a cold one almost always, without a scan of every destination per new name.
 const EVICTION_SAMPLE: usize = 16;
 
-/// Pruned destinations after which the allocator is asked to give free memory back: each held
-/// about 12 KiB, so a few hundred are worth a trim, and one or two are not.
+/// Pruned destinations after which the allocator is asked to give free memory back, once the
+/// last of their managers has stopped: each held about 12 KiB, so a few hundred are worth a
+/// trim. Once a sweep prunes none, whatever was pruned since the last trim is given back too,
+/// or the tail of a burst (fewer than this many) would stay resident.
 const TRIM_AFTER_PRUNED: usize = 256;
 
 pub struct DirectoryArgs {
@@ -174,6 +176,17 @@ impl Routes {
             map.clear();
         }
     }
+
+    /// Gives back the room of routes removed (see `memory::oversized`).
+    fn shrink_if_oversized(&self) {
+        let oversized =
+            self.0.read().is_ok_and(|map| crate::memory::oversized(map.len(), map.capacity()));
+        if oversized {
+            if let Ok(mut map) = self.0.write() {
+                map.shrink_to_fit();
+            }
+        }
+    }
 }
 
 /// Destinations routed as cheap, at most `max_destinations` of them, the oldest forgotten
@@ -259,6 +272,12 @@ pub struct DirectoryState {
     cheap_passes: u64,
     /// Destinations pruned since the allocator was last asked to give free memory back.
     pruned_since_trim: usize,
+    /// Destinations the latest sweep pruned.
+    pruned_last_sweep: u64,
+    /// Pruned managers not yet stopped. A manager's state reaches the Directory with its
+    /// termination and is freed there: only once the last is in is a trim worth it (a pass
+    /// later was too early when thousands stop at once).
+    stopping: HashSet<ActorId>,
 }
 
 impl Actor for Directory {
@@ -297,6 +316,8 @@ impl Actor for Directory {
             cheap: CheapDestinations::default(),
             cheap_passes: 0,
             pruned_since_trim: 0,
+            pruned_last_sweep: 0,
+            stopping: HashSet::new(),
             options: args.options,
         })
     }
@@ -420,6 +441,14 @@ impl Actor for Directory {
         } else {
             // A manager pruned on purpose, or already replaced: its slots are freed for sure.
             let _ = state.budget.cast(BudgetMsg::ReleaseOwner(id));
+            if state.stopping.remove(&id) && state.stopping.is_empty() {
+                // The manager's state came with the event: freed before the trim.
+                drop(event);
+                state.stopping.shrink_to_fit();
+                if state.pruned_since_trim >= TRIM_AFTER_PRUNED {
+                    state.give_back_memory();
+                }
+            }
         }
         Ok(())
     }
@@ -650,11 +679,9 @@ impl DirectoryState {
     }
 
     async fn sweep(&mut self) -> SweepReport {
-        if self.pruned_since_trim >= TRIM_AFTER_PRUNED {
-            // Trimmed a pass later: the managers stopped last time have freed their state by
-            // now. Off the actor, which it would otherwise hold up for milliseconds.
-            self.pruned_since_trim = 0;
-            tokio::task::spawn_blocking(crate::memory::give_back_free_memory);
+        if self.pruned_last_sweep == 0 && self.pruned_since_trim > 0 && self.stopping.is_empty() {
+            // The tail of a burst, fewer than TRIM_AFTER_PRUNED: pruning has stopped.
+            self.give_back_memory();
         }
         let now = Instant::now();
         let mut report = SweepReport::default();
@@ -698,13 +725,51 @@ impl DirectoryState {
                 self.retired.add(&stats.counters);
                 self.pruned += 1;
                 self.pruned_since_trim += 1;
+                self.stopping.insert(manager.get_id());
                 report.pruned += 1;
                 manager.stop(Some("cold destination pruned".into()));
                 tracing::debug!(%target, "pruned a cold destination");
             }
         }
+        if report.pruned > 0 {
+            self.shrink_tables();
+        }
+        if let Some(doorkeeper) = &mut self.doorkeeper {
+            doorkeeper.expire(now);
+        }
+        self.pruned_last_sweep = report.pruned;
         report.destinations = self.managers.len();
         report
+    }
+
+    /// Asks the allocator to give free memory back, off the actor, which it would otherwise
+    /// hold up for milliseconds.
+    fn give_back_memory(&mut self) {
+        self.pruned_since_trim = 0;
+        let destinations = self.managers.len();
+        tokio::task::spawn_blocking(move || {
+            crate::memory::give_back_free_memory();
+            // Under memory's target: watched without the per-destination lines.
+            tracing::debug!(
+                target: "poolsocks::memory",
+                destinations,
+                "gave free memory back after pruning"
+            );
+        });
+    }
+
+    /// The per-destination tables keep their largest capacity when entries leave: after a
+    /// burst of destinations is pruned, they are shrunk to what is left (see
+    /// `memory::oversized`), so the trim that follows can give their room back.
+    fn shrink_tables(&mut self) {
+        use crate::memory::oversized;
+        if oversized(self.managers.len(), self.managers.capacity()) {
+            self.managers.shrink_to_fit();
+        }
+        if oversized(self.by_id.len(), self.by_id.capacity()) {
+            self.by_id.shrink_to_fit();
+        }
+        self.routes.shrink_if_oversized();
     }
 
     /// Makes room for a new destination: of a few destinations sampled (the map's iteration
