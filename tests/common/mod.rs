@@ -138,8 +138,14 @@ impl EchoServer {
 
 /// A port on 127.0.0.1 where nothing listens (bound, then released).
 pub async fn closed_port() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    listener.local_addr().expect("addr")
+    // Bound, never listening: a connect is refused, and no other test of this process can be
+    // given the port (a listener bound and dropped freed it for the next bind(0), which made
+    // the "refused" port answer now and then).
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    std::mem::forget(socket);
+    addr
 }
 
 /// Sends the greeting and returns the server's choice.
